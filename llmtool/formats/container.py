@@ -1,0 +1,298 @@
+"""The weights container written by `llmtool convert`: a TFLite model used as a tensor store.
+
+One subgraph named after the model type (e.g. "GEMMA_2B"), no operators, inputs or outputs;
+one tensor per weight with its real shape and dtype: FLOAT32, FLOAT16, INT8 with per-channel
+quantization parameters (scale, zero point, quantized_dimension = axis), or INT4 (signed
+nibbles packed two per byte along the last axis, same parameters). Data lives outside the
+flatbuffer in aligned blocks (see tflite_model.py); metadata entries are named byte strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmtool.errors import LlmToolError
+from llmtool.formats.tflite_model import (
+    DEFAULT_ALIGNMENT,
+    ModelFile,
+    ModelWriter,
+    Quantization,
+    Subgraph,
+    Tensor,
+    expected_nbytes,
+    read_model,
+)
+from llmtool.quantization import QuantizedTensor, dequantize, packed_shape
+
+DTYPES = ("float32", "float16", "int8", "int4")
+_FLOAT_NUMPY = {"float32": np.float32, "float16": np.float16}
+_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass
+class TensorPlan:
+    """One container tensor: its name, logical shape and storage dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "float16" | "int8" | "int4"
+    axis: int = 0  # quantized dimension (int8 / int4)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    scale: np.ndarray | None  # float32 per channel (quantized tensors)
+    zero_point: np.ndarray | None  # int64 per channel (quantized tensors)
+    axis: int = 0
+
+
+def _nbytes(entry: TensorPlan) -> int:
+    n = expected_nbytes(entry.shape, entry.dtype)
+    assert n is not None
+    return n
+
+
+class ContainerWriter:
+    """Streams tensors into a container file: `with ContainerWriter(...) as w: w.write(fill)`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        subgraph_name: str,
+        plan: list[TensorPlan],
+        metadata: dict[str, bytes],
+        alignment: int = DEFAULT_ALIGNMENT,
+    ):
+        self.path = Path(path)
+        self.subgraph_name = subgraph_name
+        self.plan = list(plan)
+        self.metadata = dict(metadata)
+        self.alignment = alignment
+        seen: set[str] = set()
+        for e in self.plan:
+            if e.dtype not in DTYPES:
+                raise LlmToolError(
+                    f"tensor {e.name!r}: unsupported container dtype {e.dtype!r}", self.path
+                )
+            if e.name in seen:
+                raise LlmToolError(f"tensor {e.name!r} is planned twice", self.path)
+            seen.add(e.name)
+            if e.dtype in _BITS and (not e.shape or not 0 <= e.axis < len(e.shape)):
+                raise LlmToolError(
+                    f"tensor {e.name!r}: cannot quantize shape {list(e.shape)} along axis "
+                    f"{e.axis}",
+                    self.path,
+                )
+
+    def __enter__(self) -> ContainerWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def write(self, fill: Callable[[TensorPlan], np.ndarray | QuantizedTensor]) -> None:
+        """Call `fill(entry)` for each planned tensor in order, check and write it, then
+        finish the file atomically. Only one tensor is held in memory at a time."""
+        writer = ModelWriter(description=f"llmtool weights container: {self.subgraph_name}")
+        tensors: list[Tensor] = []
+        for entry in self.plan:
+            quant = None
+            if entry.dtype in _BITS:
+                n = entry.shape[entry.axis]
+                quant = Quantization(np.ones(n, np.float32), np.zeros(n, np.int64), entry.axis)
+            tensor = Tensor(entry.name, entry.shape, entry.dtype, 0, quant)
+            produce = self._filler(fill, entry, tensor)
+            tensor.buffer = writer.add_lazy_buffer(_nbytes(entry), produce)
+            tensors.append(tensor)
+        writer.add_subgraph(Subgraph(self.subgraph_name, tensors, [], [], []))
+        for name in sorted(self.metadata):
+            writer.add_metadata(name, self.metadata[name])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer.write(self.path, alignment=self.alignment)
+
+    def _filler(
+        self,
+        fill: Callable[[TensorPlan], np.ndarray | QuantizedTensor],
+        entry: TensorPlan,
+        tensor: Tensor,
+    ) -> Callable[[], np.ndarray]:
+        def produce() -> np.ndarray:
+            value = fill(entry)
+            data, quant = self._check(entry, value)
+            if quant is not None:
+                tensor.quantization = quant
+            return data
+
+        return produce
+
+    def _check(
+        self, entry: TensorPlan, value: np.ndarray | QuantizedTensor
+    ) -> tuple[np.ndarray, Quantization | None]:
+        where = f"tensor {entry.name!r} (planned {entry.dtype}{list(entry.shape)})"
+        if entry.dtype in _FLOAT_NUMPY:
+            if isinstance(value, QuantizedTensor) or not isinstance(value, np.ndarray):
+                raise LlmToolError(f"{where}: expected a {entry.dtype} array, got "
+                                   f"{type(value).__name__}", self.path)
+            if value.dtype != _FLOAT_NUMPY[entry.dtype]:
+                raise LlmToolError(f"{where}: got dtype {value.dtype}", self.path)
+            if tuple(value.shape) != entry.shape:
+                raise LlmToolError(f"{where}: got shape {list(value.shape)}", self.path)
+            return value, None
+        if not isinstance(value, QuantizedTensor):
+            raise LlmToolError(
+                f"{where}: expected a QuantizedTensor, got {type(value).__name__}", self.path
+            )
+        bits = _BITS[entry.dtype]
+        if value.bits != bits:
+            raise LlmToolError(f"{where}: got {value.bits}-bit values", self.path)
+        if tuple(value.shape) != entry.shape:
+            raise LlmToolError(f"{where}: got shape {list(value.shape)}", self.path)
+        if value.axis % len(entry.shape) != entry.axis:
+            raise LlmToolError(f"{where}: quantized along axis {value.axis}, planned "
+                               f"{entry.axis}", self.path)
+        want_shape = entry.shape if bits == 8 else packed_shape(entry.shape)
+        want_dtype = np.int8 if bits == 8 else np.uint8
+        data = np.asarray(value.data)
+        if data.dtype != want_dtype or data.size != int(np.prod(want_shape)):
+            raise LlmToolError(
+                f"{where}: data is {data.dtype}{list(data.shape)}, expected "
+                f"{np.dtype(want_dtype)}{list(want_shape)}",
+                self.path,
+            )
+        n = entry.shape[entry.axis]
+        scale = np.asarray(value.scale, np.float32).reshape(-1)
+        zero_point = np.asarray(value.zero_point).reshape(-1)
+        if scale.size != n or zero_point.size != n:
+            raise LlmToolError(
+                f"{where}: {scale.size} scales / {zero_point.size} zero points for {n} channels",
+                self.path,
+            )
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise LlmToolError(f"{where}: scales must be finite and positive", self.path)
+        return data, Quantization(scale, zero_point.astype(np.int64), entry.axis)
+
+
+class Container:
+    """Reader of a weights container; tensor data is memory-mapped, never loaded eagerly."""
+
+    def __init__(self, model: ModelFile, path: Path):
+        self.path = path
+        self._model = model
+        if len(model.subgraphs) != 1 or any(sg.operators for sg in model.subgraphs):
+            raise LlmToolError(
+                "not a weights container (a TFLite graph with operators or several subgraphs)",
+                path,
+            )
+        sg = model.subgraphs[0]
+        self.model_type: str = sg.name
+        self.metadata: dict[str, bytes] = model.metadata
+        self._index: dict[str, int] = {}
+        self._infos: list[TensorInfo] = []
+        for i, t in enumerate(sg.tensors):
+            if t.name in self._index:
+                raise LlmToolError(f"tensor {t.name!r} appears twice", path)
+            if t.dtype not in DTYPES:
+                raise LlmToolError(f"tensor {t.name!r} has unsupported dtype {t.dtype}", path)
+            q = t.quantization
+            if t.dtype in _BITS:
+                if q is None or not t.shape or len(q.scale) != t.shape[q.axis]:
+                    raise LlmToolError(
+                        f"tensor {t.name!r} lacks per-channel quantization parameters", path
+                    )
+            if t.buffer == 0 or model.buffers[t.buffer].size != _nbytes(
+                TensorPlan(t.name, t.shape, t.dtype)
+            ):
+                raise LlmToolError(f"tensor {t.name!r}: stored data has the wrong size", path)
+            self._index[t.name] = i
+            self._infos.append(
+                TensorInfo(
+                    name=t.name,
+                    shape=tuple(t.shape),
+                    dtype=t.dtype,
+                    nbytes=model.buffers[t.buffer].size,
+                    scale=q.scale if q is not None and t.dtype in _BITS else None,
+                    zero_point=q.zero_point if q is not None and t.dtype in _BITS else None,
+                    axis=q.axis if q is not None and t.dtype in _BITS else 0,
+                )
+            )
+
+    @classmethod
+    def open(cls, path: str | Path) -> Container:
+        path = Path(path)
+        return cls(read_model(path), path)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self._infos]
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[self._lookup(name)]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored data as a read-only view: float32/float16/int8 in the tensor's shape,
+        int4 as uint8 packed bytes shaped (*shape[:-1], ceil(n/2))."""
+        return self._model.tensor_data(0, self._lookup(name))
+
+    def quantized(self, name: str) -> QuantizedTensor | None:
+        """The stored values and parameters of an int8/int4 tensor (None for float tensors)."""
+        info = self.info(name)
+        if info.dtype not in _BITS:
+            return None
+        assert info.scale is not None and info.zero_point is not None
+        data = self.raw(name)
+        if info.dtype == "int8":
+            data = data.view(np.int8)
+        return QuantizedTensor(
+            data=data,
+            scale=info.scale,
+            zero_point=info.zero_point,
+            bits=_BITS[info.dtype],
+            shape=info.shape,
+            axis=info.axis,
+        )
+
+    def float(self, name: str) -> np.ndarray:
+        """float32 values (dequantized if needed); float32 tensors come back as read-only views."""
+        info = self.info(name)
+        if info.dtype == "float32":
+            return self.raw(name)
+        if info.dtype == "float16":
+            return self.raw(name).astype(np.float32)
+        q = self.quantized(name)
+        assert q is not None
+        return dequantize(q)
+
+    def _lookup(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise LlmToolError(f"no tensor named {name!r}", self.path) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def close(self) -> None:
+        self._model.close()
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,187 @@
+"""Per-channel int8 / int4 weight quantization, dequantization and int4 packing.
+
+Layouts follow TFLite: int8 values are stored as they are; int4 values are signed
+two's-complement nibbles packed two per byte along the last axis, low nibble first
+(element 2i in the low nibble of byte i), an odd last dimension padded with a zero nibble.
+Dequantization is `(q - zero_point) * scale` per channel along `axis`.
+
+Large tensors are processed in row blocks, so the peak extra memory is the output plus a
+few megabytes, never a float copy of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmtool.errors import LlmToolError
+
+_BLOCK_ELEMENTS = 1 << 16  # elements per block: 256 KiB of float32 stays in cache
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized tensor: values, per-channel scale and zero point along `axis`."""
+
+    data: np.ndarray  # int8 of shape `shape` (bits=8) or uint8 packed (*shape[:-1], ceil(n/2))
+    scale: np.ndarray  # float32 [shape[axis]]
+    zero_point: np.ndarray  # int64 [shape[axis]] (all 0 when symmetric)
+    bits: int  # 8 or 4
+    shape: tuple[int, ...]  # logical shape
+    axis: int = 0
+
+    @property
+    def symmetric(self) -> bool:
+        return not np.any(self.zero_point)
+
+
+def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if bits == 8:
+        return (-127, 127) if symmetric else (-128, 127)
+    if bits == 4:
+        return (-7, 7) if symmetric else (-8, 7)
+    raise ValueError(f"unsupported number of bits {bits} (use 8 or 4)")
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the packed int4 bytes of a tensor of logical shape `shape`."""
+    if not shape:
+        return (1,)
+    return (*shape[:-1], (shape[-1] + 1) // 2)
+
+
+def _channel_minmax(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    if w.size == 0:
+        n = w.shape[axis]
+        return np.zeros(n, np.float32), np.zeros(n, np.float32)
+    lo = np.min(w, axis=other).astype(np.float32)
+    hi = np.max(w, axis=other).astype(np.float32)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise LlmToolError("cannot quantize a tensor that contains NaN or infinity")
+    return lo, hi
+
+
+def _params(
+    lo: np.ndarray, hi: np.ndarray, symmetric: bool, qmin: int, qmax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale float32, zero point int64) from channel minima and maxima."""
+    if symmetric:
+        scale = np.maximum(np.abs(lo), np.abs(hi)) / np.float32(qmax)
+        scale[scale == 0] = 1.0
+        return scale.astype(np.float32), np.zeros(scale.shape, np.int64)
+    lo = np.minimum(lo, 0)
+    hi = np.maximum(hi, 0)
+    scale = ((hi - lo) / np.float32(qmax - qmin)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zero_point = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
+    return scale, zero_point
+
+
+def quantize(w: np.ndarray, bits: int, symmetric: bool = True, axis: int = 0) -> QuantizedTensor:
+    """Quantize per channel along `axis` (the output channel: 0 for [out, in] and [vocab, dim]).
+
+    Symmetric: scale = max|w| / qmax, zero point 0, values in [-qmax, qmax] (qmax 127 or 7).
+    Asymmetric: the channel range [min(w, 0), max(w, 0)] maps onto the full signed range
+    ([-128, 127] or [-8, 7]) with a per-channel zero point inside that range.
+    An all-zero channel gets scale 1.
+    """
+    w = np.asarray(w)
+    if w.ndim == 0:
+        raise ValueError("cannot quantize a scalar per channel")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"quantize expects a float array, got {w.dtype}")
+    axis = axis % w.ndim
+    qmin, qmax = _qrange(bits, symmetric)
+    shape = tuple(int(s) for s in w.shape)
+    out = np.empty(shape if bits == 8 else packed_shape(shape), np.int8 if bits == 8 else np.uint8)
+    bshape = [1] * w.ndim
+    bshape[axis] = -1
+    if axis != 0:  # channels span every row block: reduce over the whole tensor first
+        scale, zero_point = _params(*_channel_minmax(w, axis), symmetric, qmin, qmax)
+    else:  # each row block holds whole channels: one pass over memory
+        scale = np.empty(shape[0], np.float32)
+        zero_point = np.empty(shape[0], np.int64)
+
+    if w.ndim == 1:
+        blocks = [slice(0, shape[0])]
+    else:
+        row = max(1, int(np.prod(shape[1:])))
+        step = max(1, _BLOCK_ELEMENTS // row)
+        blocks = [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+    for rows in blocks:
+        chunk = w[rows]
+        if axis == 0:
+            s, z = _params(*_channel_minmax(chunk, 0), symmetric, qmin, qmax)
+            scale[rows], zero_point[rows] = s, z
+        else:
+            s, z = scale, zero_point
+        tmp = np.empty(chunk.shape, np.float32)
+        np.divide(chunk, s.reshape(bshape), out=tmp, casting="unsafe")
+        np.rint(tmp, out=tmp)
+        if not symmetric:
+            tmp += z.astype(np.float32).reshape(bshape)
+        np.clip(tmp, qmin, qmax, out=tmp)
+        if bits == 8:
+            out[rows] = tmp
+        else:
+            out[rows] = pack_int4(tmp.astype(np.int8))
+    return QuantizedTensor(
+        data=out, scale=scale, zero_point=zero_point, bits=bits, shape=shape, axis=axis
+    )
+
+
+def dequantize(q: QuantizedTensor) -> np.ndarray:
+    """float32 values `(q - zero_point) * scale`."""
+    if q.bits == 8:
+        values = np.asarray(q.data).reshape(q.shape)
+    elif q.bits == 4:
+        values = unpack_int4(q.data, q.shape)
+    else:
+        raise ValueError(f"unsupported number of bits {q.bits}")
+    out = values.astype(np.float32)
+    if not q.shape:
+        return out
+    bshape = [1] * len(q.shape)
+    bshape[q.axis] = -1
+    if np.any(q.zero_point):
+        out -= np.asarray(q.zero_point, np.float32).reshape(bshape)
+    out *= np.asarray(q.scale, np.float32).reshape(bshape)
+    return out
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """Pack int4 values (any integer dtype, range [-8, 7]) two per byte along the last axis."""
+    v = np.asarray(values)
+    if v.ndim == 0:
+        v = v.reshape(1)
+    n = v.shape[-1]
+    nib = v.astype(np.uint8) & np.uint8(0x0F)
+    out = nib[..., 0::2].copy()
+    hi = nib[..., 1::2]
+    out[..., : hi.shape[-1]] |= hi << np.uint8(4)
+    assert out.shape[-1] == (n + 1) // 2
+    return out
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Signed int8 values of logical `shape` from bytes packed by `pack_int4`."""
+    shape = tuple(int(s) for s in shape)
+    pshape = packed_shape(shape)
+    p = np.asarray(packed)
+    if p.dtype != np.uint8:
+        p = p.view(np.uint8)
+    if p.shape != pshape:
+        if p.size != int(np.prod(pshape)):
+            raise ValueError(f"{p.size} packed bytes do not hold an int4 tensor of shape {shape}")
+        p = p.reshape(pshape)
+    out = np.empty((*pshape[:-1], 2 * pshape[-1]), np.int8)
+    lo = (p & np.uint8(0x0F)).view(np.int8)
+    hi = (p >> np.uint8(4)).view(np.int8)
+    # sign-extend 4-bit two's complement: (x ^ 8) - 8
+    out[..., 0::2] = (lo ^ np.int8(8)) - np.int8(8)
+    out[..., 1::2] = (hi ^ np.int8(8)) - np.int8(8)
+    if not shape:
+        return out[..., 0].reshape(())
+    return out[..., : shape[-1]]

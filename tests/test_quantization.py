@@ -1,0 +1,165 @@
+"""Per-channel int8/int4 quantization: ranges, error bounds, packing layout, block processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmtool.errors import LlmToolError
+from llmtool.quantization import (
+    QuantizedTensor,
+    dequantize,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def _values(q: QuantizedTensor) -> np.ndarray:
+    return q.data if q.bits == 8 else unpack_int4(q.data, q.shape)
+
+
+def _reference(w: np.ndarray, bits: int, symmetric: bool, axis: int) -> np.ndarray:
+    """Straightforward (unblocked) per-channel quantization, for comparison."""
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    qmax = 127 if bits == 8 else 7
+    if symmetric:
+        scale = np.abs(w).max(axis=other, keepdims=True).astype(np.float32) / np.float32(qmax)
+        scale[scale == 0] = 1
+        return np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
+    qmin = -qmax - 1
+    lo = np.minimum(w.min(axis=other, keepdims=True), 0).astype(np.float32)
+    hi = np.maximum(w.max(axis=other, keepdims=True), 0).astype(np.float32)
+    scale = (hi - lo) / np.float32(qmax - qmin)
+    scale[scale == 0] = 1
+    zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax)
+    return np.clip(np.rint(w / scale) + zp, qmin, qmax).astype(np.int8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_range_and_error(bits: int) -> None:
+    w = _rng().standard_normal((17, 33)).astype(np.float32)
+    w[3] *= 100  # channels with very different ranges
+    q = quantize(w, bits, symmetric=True)
+    qmax = 127 if bits == 8 else 7
+    v = _values(q)
+    assert v.dtype == np.int8 and v.shape == w.shape
+    assert v.min() >= -qmax and v.max() <= qmax
+    assert np.all(np.abs(v).max(axis=1) == qmax)  # each channel uses its full range
+    assert q.scale.dtype == np.float32 and q.scale.shape == (17,)
+    assert q.zero_point.dtype == np.int64 and not q.zero_point.any()
+    np.testing.assert_allclose(q.scale, np.abs(w).max(axis=1) / qmax, rtol=1e-6)
+    err = np.abs(dequantize(q) - w)
+    assert np.all(err <= q.scale[:, None] * 0.5001)
+    assert dequantize(q).dtype == np.float32
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_asymmetric_range_zero_point_and_error(bits: int) -> None:
+    rng = _rng()
+    w = rng.standard_normal((9, 20)).astype(np.float32)
+    w[0] = np.abs(w[0]) + 0.5  # all positive
+    w[1] = -np.abs(w[1]) - 0.5  # all negative
+    w[2] = w[2] * 0.1 + 3.0  # skewed
+    w[3, :5] = 0.0
+    q = quantize(w, bits, symmetric=False)
+    qmin, qmax = (-128, 127) if bits == 8 else (-8, 7)
+    v = _values(q)
+    assert v.min() >= qmin and v.max() <= qmax
+    assert np.all((q.zero_point >= qmin) & (q.zero_point <= qmax))
+    assert len(set(q.zero_point.tolist())) > 1  # per-channel zero points are kept
+    err = np.abs(dequantize(q) - w)
+    assert np.all(err <= q.scale[:, None] * 0.5001)
+    assert np.all(dequantize(q)[3, :5] == 0)  # zero is exactly representable
+
+
+def test_asymmetric_beats_symmetric_on_skewed_int4() -> None:
+    w = (_rng().random((8, 64)) * 2.0 + 1.0).astype(np.float32)  # [1, 3]: one-sided
+    e_sym = np.abs(dequantize(quantize(w, 4, True)) - w).mean()
+    e_asym = np.abs(dequantize(quantize(w, 4, False)) - w).mean()
+    assert e_asym < e_sym * 0.6
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_channel(symmetric: bool) -> None:
+    w = _rng().standard_normal((4, 6)).astype(np.float32)
+    w[2] = 0
+    for bits in (8, 4):
+        q = quantize(w, bits, symmetric=symmetric)
+        assert np.all(np.isfinite(q.scale)) and np.all(q.scale > 0)
+        assert q.scale[2] == 1.0
+        assert np.all(dequantize(q)[2] == 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_blocked_matches_reference_on_large_tensor(bits: int, symmetric: bool) -> None:
+    # 2100 rows x 1001 columns: many processing blocks, odd last dimension
+    w = _rng().standard_normal((2100, 1001)).astype(np.float32)
+    q = quantize(w, bits, symmetric=symmetric)
+    np.testing.assert_array_equal(_values(q), _reference(w, bits, symmetric, 0))
+    if bits == 4:
+        assert q.data.shape == (2100, 501) and q.data.dtype == np.uint8
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_other_axes_and_ranks(axis: int, bits: int) -> None:
+    w = _rng().standard_normal((3, 4, 5)).astype(np.float32)
+    q = quantize(w, bits, symmetric=False, axis=axis)
+    assert q.axis == axis % 3
+    assert q.scale.shape == (w.shape[axis],)
+    np.testing.assert_array_equal(_values(q), _reference(w, bits, False, axis % 3))
+    err = np.abs(dequantize(q) - w)
+    bshape = [1, 1, 1]
+    bshape[axis % 3] = -1
+    assert np.all(err <= q.scale.reshape(bshape) * 0.5001)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_one_dimensional(bits: int) -> None:
+    w = _rng().standard_normal(7).astype(np.float32)
+    q = quantize(w, bits)
+    assert q.scale.shape == (7,)
+    assert np.all(np.abs(dequantize(q) - w) <= q.scale * 0.5001)
+
+
+def test_float16_and_float64_inputs() -> None:
+    w = _rng().standard_normal((5, 8))
+    q64 = quantize(w, 8)
+    q16 = quantize(w.astype(np.float16), 8)
+    assert q64.scale.dtype == np.float32 and q16.scale.dtype == np.float32
+    assert np.abs(dequantize(q16) - w).max() < 0.05
+
+
+def test_rejects_nan_and_bad_bits() -> None:
+    w = np.ones((2, 3), np.float32)
+    w[1, 1] = np.nan
+    with pytest.raises(LlmToolError, match="NaN"):
+        quantize(w, 8)
+    with pytest.raises(ValueError):
+        quantize(np.ones((2, 3), np.float32), 3)
+    with pytest.raises(ValueError):
+        quantize(np.ones((2, 3), np.int32), 8)
+
+
+def test_int4_layout_low_nibble_first() -> None:
+    packed = pack_int4(np.array([1, -1, -8, 7, 3], np.int8))
+    # element 0 in the low nibble; two's complement nibbles; odd count padded with 0
+    assert packed.tolist() == [0xF1, 0x78, 0x03]
+    np.testing.assert_array_equal(unpack_int4(packed, (5,)), [1, -1, -8, 7, 3])
+
+
+@pytest.mark.parametrize("shape", [(16,), (3, 7), (2, 3, 4), (5, 1)])
+def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
+    v = _rng().integers(-8, 8, size=shape).astype(np.int8)
+    p = pack_int4(v)
+    assert p.dtype == np.uint8 and p.shape == (*shape[:-1], (shape[-1] + 1) // 2)
+    np.testing.assert_array_equal(unpack_int4(p, shape), v)
+    np.testing.assert_array_equal(unpack_int4(p.reshape(-1), shape), v)  # flat input accepted
+    with pytest.raises(ValueError):
+        unpack_int4(p.reshape(-1)[:-1], shape)
