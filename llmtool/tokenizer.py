@@ -1,0 +1,458 @@
+"""SentencePiece models and Hugging Face tokenizer.json files behind one small interface.
+
+The contract is to behave like `transformers.AutoTokenizer` on the same folder: `encode(text)`
+gives the ids of `tok(text)["input_ids"]` (BOS/EOS included the same way) and `decode(ids)` the
+text of `tok.decode(ids, skip_special_tokens=True)`. The tokenization itself is done by the
+`sentencepiece` and `tokenizers` libraries; this module only reads the configuration around them
+(special tokens, whether BOS is added, stop ids) the way transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmtool.errors import LlmToolError
+
+SPM_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
+GENERATION_FILE = "generation_config.json"
+SIDE_FILES = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+# Named special tokens that transformers registers as special added tokens.
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                   "mask_token")
+
+
+def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
+    """Read a tokenizer from a folder, a tokenizer.model file or a tokenizer.json file.
+
+    Returns {canonical file name: bytes} holding exactly one of tokenizer.model / tokenizer.json
+    (tokenizer.model wins when a folder has both, as Gemma folders do: it is what the on-device
+    bundle needs) plus whichever of tokenizer_config.json, special_tokens_map.json and
+    generation_config.json sit beside it. The result is validated by loading it, so a corrupt or
+    inconsistent file raises LlmToolError naming that file here rather than later.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise LlmToolError("tokenizer path does not exist", path=p)
+    if p.is_dir():
+        folder = p
+        if (p / SPM_FILE).is_file():
+            main_path, main_name = p / SPM_FILE, SPM_FILE
+        elif (p / HF_FILE).is_file():
+            main_path, main_name = p / HF_FILE, HF_FILE
+        else:
+            raise LlmToolError(f"no {SPM_FILE} or {HF_FILE} in this folder", path=p)
+    else:
+        folder = p.parent
+        main_path = p
+        main_name = HF_FILE if p.suffix.lower() == ".json" else SPM_FILE
+
+    files = {main_name: _read_bytes(main_path)}
+    for name in SIDE_FILES:
+        side = folder / name
+        if side.is_file() and side != main_path:
+            files[name] = _read_bytes(side)
+
+    locations = {name: folder / name for name in files}
+    locations[main_name] = main_path
+    try:
+        Tokenizer.from_files(files)
+    except LlmToolError as err:
+        where = locations.get(err.path or "", p)
+        message = str(err)
+        if err.path and message.startswith(f"{err.path}: "):
+            message = message[len(err.path) + 2:]
+        raise LlmToolError(message, path=where) from None
+    return files
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise LlmToolError(f"cannot read file ({err.strerror or err})", path=path) from None
+
+
+def _load_json(files: dict[str, bytes], name: str) -> dict[str, Any]:
+    """Parse one optional JSON side file; errors carry the canonical file name as path."""
+    if name not in files:
+        return {}
+    try:
+        data = json.loads(files[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LlmToolError(f"invalid JSON ({err})", path=name) from None
+    if not isinstance(data, dict):
+        raise LlmToolError("expected a JSON object", path=name)
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token entry is either a string or an AddedToken dict with "content"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _token_entries(config: dict[str, Any], special_map: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """(entry, special) for every token the configs declare, in transformers' precedence."""
+    entries: list[tuple[Any, bool]] = []
+    for source in (config, special_map):
+        for key in _NAMED_SPECIALS:
+            if source.get(key) is not None:
+                entries.append((source[key], True))
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = source.get(key)
+            if isinstance(extra, dict):  # transformers 5 also allows {name: token}
+                extra = list(extra.values())
+            if isinstance(extra, list):
+                entries.extend((item, True) for item in extra)
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for value in decoder.values():
+            special = bool(value.get("special", False)) if isinstance(value, dict) else True
+            entries.append((value, special))
+    return entries
+
+
+def _named_token(name: str, config: dict[str, Any], special_map: dict[str, Any]) -> str | None:
+    for source in (config, special_map):
+        content = _token_content(source.get(name))
+        if content is not None:
+            return content
+    return None
+
+
+class Tokenizer:
+    """A loaded tokenizer; build it with `Tokenizer.from_files(read_tokenizer_files(path))`."""
+
+    kind: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool
+    add_eos: bool
+    stop_ids: list[int]
+
+    def __init__(self) -> None:
+        self._sp: Any = None
+        self._hf: Any = None
+        self._special_ids: set[int] = set()  # skipped by decode(skip_special=True)
+        self._split_re: re.Pattern[str] | None = None  # SentencePiece: added tokens in text
+        self._split_ids: dict[str, int] = {}
+        self._byte_ids: frozenset[int] | None = None
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> Tokenizer:
+        """Build from the dict read_tokenizer_files returns (errors name the canonical file)."""
+        config = _load_json(files, CONFIG_FILE)
+        special_map = _load_json(files, SPECIAL_MAP_FILE)
+        generation = _load_json(files, GENERATION_FILE)
+        tok = cls()
+        if SPM_FILE in files:
+            tok._init_sentencepiece(files[SPM_FILE], config, special_map)
+        elif HF_FILE in files:
+            tok._init_hf(files[HF_FILE], config, special_map)
+        else:
+            raise LlmToolError(f"no {SPM_FILE} or {HF_FILE} among the tokenizer files")
+        tok._init_stop_ids(generation)
+        return tok
+
+    def _init_sentencepiece(self, data: bytes, config: dict[str, Any],
+                            special_map: dict[str, Any]) -> None:
+        import sentencepiece
+
+        if not data:
+            raise LlmToolError("empty SentencePiece model", path=SPM_FILE)
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError, TypeError):
+            raise LlmToolError("not a valid SentencePiece model", path=SPM_FILE) from None
+        size = sp.get_piece_size()
+        if size <= 0:
+            raise LlmToolError("SentencePiece model has no pieces", path=SPM_FILE)
+        self._sp = sp
+        self.kind = "sentencepiece"
+        self.vocab_size = size
+
+        # Pieces transformers turns into added tokens: control and user-defined symbols, <unk>,
+        # and every token the configs name that exists in the vocabulary.
+        added: dict[str, int] = {}
+        for i, (piece, kind) in enumerate(_piece_types(data)):
+            if kind in ("CONTROL", "UNKNOWN"):
+                added[piece] = i
+                self._special_ids.add(i)
+            elif kind == "USER_DEFINED":
+                added[piece] = i
+        for entry, special in _token_entries(config, special_map):
+            content = _token_content(entry)
+            token_id = self.token_to_id(content) if content else None
+            if content and token_id is not None:
+                added[content] = token_id
+                if special:
+                    self._special_ids.add(token_id)
+        self._split_ids = {text: i for text, i in added.items() if text}
+        if self._split_ids:
+            alternatives = sorted(self._split_ids, key=lambda t: (-len(t), t))
+            self._split_re = re.compile("|".join(re.escape(t) for t in alternatives))
+
+        self.bos_id = self._resolve_id("bos_token", config, special_map, sp.bos_id())
+        self.eos_id = self._resolve_id("eos_token", config, special_map, sp.eos_id())
+        self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
+        self.add_eos = bool(config.get("add_eos_token", False)) and self.eos_id is not None
+        self._prefix = [self.bos_id] if self.bos_id is not None else []
+        self._suffix = [self.eos_id] if self.eos_id is not None else []
+
+    def _init_hf(self, data: bytes, config: dict[str, Any], special_map: dict[str, Any]) -> None:
+        import tokenizers
+
+        try:
+            hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a bare Exception; also bad UTF-8
+            raise LlmToolError(f"not a valid tokenizer.json ({err})", path=HF_FILE) from None
+        self._hf = hf
+        self.kind = "hf"
+
+        # transformers registers the configured special tokens as special added tokens; do the
+        # same for those that exist in the vocabulary so splitting and skipping match.
+        to_add = []
+        for entry, special in _token_entries(config, special_map):
+            content = _token_content(entry)
+            if not content or hf.token_to_id(content) is None:
+                continue
+            opts = entry if isinstance(entry, dict) else {}
+            to_add.append(tokenizers.AddedToken(
+                content, single_word=bool(opts.get("single_word", False)),
+                lstrip=bool(opts.get("lstrip", False)), rstrip=bool(opts.get("rstrip", False)),
+                normalized=bool(opts.get("normalized", not special)), special=special))
+        known = hf.get_added_tokens_decoder()
+        known_contents = {t.content for t in known.values()}
+        new = [t for t in to_add if t.content not in known_contents]
+        if new:
+            hf.add_tokens([t for t in new if not t.special])
+            hf.add_special_tokens([t for t in new if t.special])
+        added = hf.get_added_tokens_decoder()
+        self._special_ids = {i for i, t in added.items() if t.special}
+        self.vocab_size = max([hf.get_vocab_size(with_added_tokens=True)]
+                              + [i + 1 for i in added])
+
+        # What the post-processor adds around a single sequence.
+        probe = "Hello world"
+        plain = hf.encode(probe, add_special_tokens=False).ids
+        full = hf.encode(probe, add_special_tokens=True).ids
+        prefix, suffix = _split_around(full, plain)
+
+        self.bos_id = self._resolve_id("bos_token", config, special_map,
+                                       prefix[0] if len(prefix) == 1 else -1)
+        self.eos_id = self._resolve_id("eos_token", config, special_map,
+                                       suffix[-1] if len(suffix) == 1 else -1)
+        # transformers 5 ignores add_bos_token/add_eos_token from tokenizer_config.json when a
+        # tokenizer.json exists: its post-processor alone decides what encode() adds.
+        self.add_bos, self.add_eos = bool(prefix), bool(suffix)
+        self._prefix = prefix or ([self.bos_id] if self.bos_id is not None else [])
+        self._suffix = suffix or ([self.eos_id] if self.eos_id is not None else [])
+
+    def _resolve_id(self, name: str, config: dict[str, Any], special_map: dict[str, Any],
+                    fallback: int) -> int | None:
+        content = _named_token(name, config, special_map)
+        if content is not None:
+            # A named token missing from the vocabulary would get a new id past the model's
+            # embeddings in transformers; there is no such id here, so treat it as absent.
+            return self.token_to_id(content)
+        return fallback if 0 <= fallback < self.vocab_size else None
+
+    def _init_stop_ids(self, generation: dict[str, Any]) -> None:
+        stops = set() if self.eos_id is None else {self.eos_id}
+        value = generation.get("eos_token_id")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, int) or not (
+                    0 <= item < self.vocab_size):
+                raise LlmToolError(f"eos_token_id {item!r} is not a token id of this tokenizer "
+                                   f"(vocab size {self.vocab_size})", path=GENERATION_FILE)
+            stops.add(item)
+        self.stop_ids = sorted(stops)
+
+    # ------------------------------------------------------------------- use
+    def encode(self, text: str, add_bos: bool | None = None,
+               add_eos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS/EOS follow the tokenizer's defaults unless given."""
+        if self._hf is not None:
+            ids = list(self._hf.encode(text, add_special_tokens=False).ids)
+        else:
+            ids = self._encode_sentencepiece(text)
+        if add_bos if add_bos is not None else self.add_bos:
+            ids = self._prefix + ids
+        if add_eos if add_eos is not None else self.add_eos:
+            ids = ids + self._suffix
+        return ids
+
+    def _encode_sentencepiece(self, text: str) -> list[int]:
+        if self._split_re is None:
+            return list(self._sp.encode(text))
+        ids: list[int] = []
+        pos = 0
+        for match in self._split_re.finditer(text):
+            if match.start() > pos:
+                ids.extend(self._sp.encode(text[pos:match.start()]))
+            ids.append(self._split_ids[match.group()])
+            pos = match.end()
+        if pos < len(text):
+            ids.extend(self._sp.encode(text[pos:]))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; special tokens are dropped unless skip_special is False.
+
+        Ids outside the vocabulary decode to nothing, as in `tokenizers`: a model's embedding
+        table can be larger than its tokenizer (Phi-2: 51200 rows, 50295 tokens).
+        """
+        size = self.vocab_size
+        ids = [i for i in map(int, ids) if 0 <= i < size]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special)
+        if skip_special:
+            return self._sp.decode([i for i in ids if i not in self._special_ids])
+        # SentencePiece drops control pieces and renders <unk> as " ⁇ "; transformers prints
+        # special tokens literally, so decode the runs between them.
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self._special_ids:
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                parts.append(self._sp.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._hf is not None:
+            return self._hf.token_to_id(token)
+        token_id = self._sp.piece_to_id(token)
+        if token_id == self._sp.unk_id() and token != self._sp.id_to_piece(token_id):
+            return None
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if not 0 <= token_id < self.vocab_size:
+            return None
+        if self._hf is not None:
+            return self._hf.id_to_token(token_id)
+        return self._sp.id_to_piece(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether decode(skip_special=True) drops this id."""
+        return token_id in self._special_ids
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(lambda ids: self.decode(ids, skip_special=skip_special),
+                             self._unsettled_byte_ids())
+
+    def _unsettled_byte_ids(self) -> frozenset[int]:
+        """Byte-fallback ids whose text can still change as more bytes follow.
+
+        The `tokenizers` ByteFallback decoder turns a whole run of byte tokens into U+FFFD as
+        soon as it stops being valid UTF-8, so text from a trailing byte run is not final.
+        SentencePiece decodes invalid bytes one by one, which only affects the trailing
+        incomplete character (held back anyway).
+        """
+        if self._byte_ids is None:
+            ids: set[int] = set()
+            if self._hf is not None and getattr(self._hf.model, "byte_fallback", False):
+                ids = {i for token, i in self._hf.get_vocab(with_added_tokens=False).items()
+                       if _BYTE_PIECE.fullmatch(token)}
+            self._byte_ids = frozenset(ids)
+        return self._byte_ids
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able summary for `llmtool` commands and metadata."""
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "bos_token": None if self.bos_id is None else self.id_to_token(self.bos_id),
+            "bos_id": self.bos_id,
+            "eos_token": None if self.eos_id is None else self.id_to_token(self.eos_id),
+            "eos_id": self.eos_id,
+            "stop_tokens": [self.id_to_token(i) for i in self.stop_ids],
+            "stop_ids": list(self.stop_ids),
+            "add_bos": self.add_bos,
+        }
+
+
+def _piece_types(data: bytes) -> list[tuple[str, str]]:
+    """(piece, type name) for every piece; the processor API cannot tell USER_DEFINED apart."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    names = {value: name for name, value in model_pb2.ModelProto.SentencePiece.Type.items()}
+    return [(piece.piece, names.get(piece.type, "NORMAL")) for piece in proto.pieces]
+
+
+def _split_around(full: list[int], plain: list[int]) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) with full == prefix + plain + suffix (empty if no such split)."""
+    n = len(plain)
+    for start in range(len(full) - n + 1):
+        if full[start:start + n] == plain:
+            return full[:start], full[start + n:]
+    return [], []
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as they arrive.
+
+    Each push decodes the whole sequence so far and emits only the new, settled text: a trailing
+    U+FFFD (an incomplete UTF-8 character) is held back until it resolves, as is the text of a
+    trailing run of byte-fallback tokens where the decoder may still rewrite it; the leading
+    space of SentencePiece pieces is always decoded in context. So "".join(pushes) + flush()
+    == decode(all ids). Cost is one decode of the sequence per push.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str],
+                 unsettled_ids: frozenset[int] = frozenset()):
+        self._decode = decode
+        self._unsettled = unsettled_ids
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        try:
+            text = self._decode(self._ids)
+        except Exception:
+            self._ids.pop()
+            raise
+        end = len(self._ids)
+        while end and self._ids[end - 1] in self._unsettled:
+            end -= 1
+        if end < len(self._ids):
+            text = self._decode(self._ids[:end])
+        settled = text.rstrip("\ufffd")
+        if len(settled) <= len(self._emitted) or not settled.startswith(self._emitted):
+            return ""
+        new = settled[len(self._emitted):]
+        self._emitted = settled
+        return new
+
+    def flush(self) -> str:
+        """The held-back rest; the decoder then starts a new, empty sequence."""
+        text = self._decode(self._ids)
+        rest = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        self._ids = []
+        self._emitted = ""
+        return rest
