@@ -1,0 +1,639 @@
+"""THE table: every model-specific fact lives here and nowhere else.
+
+Two parts:
+- `ModelSpec`: the hyperparameters of one checkpoint, read from its config.json. The generic
+  decoder (export.py) is parameterised by it; nothing else needs to know the model's name.
+- `ARCHITECTURES`: one row per model type: which config.json `model_type` values it accepts,
+  the fixed facts of the family (norm kind, activation, ...), and how each Hugging Face tensor
+  maps to a role in the generic decoder (`TensorRule`).
+
+Adding an architecture is adding a row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llmtool.errors import LlmToolError
+
+# --------------------------------------------------------------------------------------------
+# The generic model description
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the generic decoder needs to know about one checkpoint."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    norm_offset: float  # RMSNorm computes x * (offset + w); Gemma stores w - 1 (offset 1.0)
+    activation: str  # "gelu_tanh" | "gelu" | "silu" | "relu"
+    gated_mlp: bool  # down(act(gate(x)) * up(x)) instead of down(act(up(x)))
+    rotary_dims: int  # leading dims of each head that get rotary embeddings; 0 = none
+    rope_theta: float
+    alibi: bool  # Falcon-RW / BLOOM linear attention biases
+    learned_positions: bool  # GPT-2 absolute position table
+    parallel_residual: bool  # x + attn(norm(x)) + mlp(norm(x)) with one norm (Phi-2, GPT-J)
+    embedding_scale: float  # Gemma multiplies embeddings by sqrt(hidden_size)
+    tied_embeddings: bool  # output layer reuses the token embedding
+    qkv_bias: bool
+    attn_out_bias: bool
+    mlp_bias: bool
+    norm_bias: bool  # LayerNorm with a bias term
+    lm_head_bias: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ModelSpec:
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
+        return cls(**raw)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Roles of tensors in the generic decoder, and their names in the converted container.
+# The names follow the MediaPipe converter's (reference-formats.md), so files read alike.
+
+LAYER = "params.lm.transformer.x_layers_{i}."
+
+ROLE_NAMES: dict[str, str] = {
+    "embed": "params.lm.token_embedding.w",
+    "pos_embed": "params.lm.position_embedding.w",
+    "final_norm.w": "params.lm.final_ln.scale",
+    "final_norm.b": "params.lm.final_ln.bias",
+    "lm_head.w": "params.lm.softmax.logits_ffn.w",
+    "lm_head.b": "params.lm.softmax.logits_ffn.b",
+    "attn_norm.w": LAYER + "pre_layer_norm.scale",
+    "attn_norm.b": LAYER + "pre_layer_norm.bias",
+    "q.w": LAYER + "self_attention.q.w",
+    "q.b": LAYER + "self_attention.q.b",
+    "k.w": LAYER + "self_attention.k.w",
+    "k.b": LAYER + "self_attention.k.b",
+    "v.w": LAYER + "self_attention.v.w",
+    "v.b": LAYER + "self_attention.v.b",
+    "o.w": LAYER + "self_attention.post.w",
+    "o.b": LAYER + "self_attention.post.b",
+    "mlp_norm.w": LAYER + "ff_layer.pre_layer_norm.scale",
+    "mlp_norm.b": LAYER + "ff_layer.pre_layer_norm.bias",
+    "gate.w": LAYER + "ff_layer.ffn_layer1_gate.w",
+    "up.w": LAYER + "ff_layer.ffn_layer1.w",
+    "up.b": LAYER + "ff_layer.ffn_layer1.b",
+    "down.w": LAYER + "ff_layer.ffn_layer2.w",
+    "down.b": LAYER + "ff_layer.ffn_layer2.b",
+}
+
+# Which quantization knob a role's weight follows ("norm" roles always stay float32).
+ROLE_KIND: dict[str, str] = {
+    "embed": "embedding",
+    "lm_head.w": "embedding",
+    **{f"{r}.w": "attention" for r in ("q", "k", "v", "o")},
+    **{f"{r}.w": "feedforward" for r in ("gate", "up", "down")},
+}
+
+# LoRA target module names (PEFT) for each attention role, per family, are in the rows below.
+
+
+def role_name(role: str, layer: int | None = None) -> str:
+    """Container tensor name of a role (layer index for per-layer roles)."""
+    template = ROLE_NAMES[role]
+    return template.format(i=layer) if "{i}" in template else template
+
+
+def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
+    """Shape of a role's tensor in the container (linear weights are [out, in], as in HF)."""
+    h, f = spec.hidden_size, spec.intermediate_size
+    base = role.split(".")[0]
+    out_in = {
+        "q": (spec.q_dim, h),
+        "k": (spec.kv_dim, h),
+        "v": (spec.kv_dim, h),
+        "o": (h, spec.q_dim),
+        "gate": (f, h),
+        "up": (f, h),
+        "down": (h, f),
+        "lm_head": (spec.vocab_size, h),
+    }
+    if role == "embed":
+        return (spec.vocab_size, h)
+    if role == "pos_embed":
+        return (spec.max_positions, h)
+    if base in ("attn_norm", "mlp_norm", "final_norm"):
+        return (h,)
+    if role.endswith(".w"):
+        return out_in[base]
+    return (out_in[base][0],)  # bias
+
+
+# --------------------------------------------------------------------------------------------
+# How a Hugging Face tensor becomes roles
+
+# Transforms applied to a HF tensor (float32 numpy, torch-free) to produce role tensors.
+#   "split3"       : rows [q; k; v] stacked along axis 0 (sizes from the spec)
+#   "falcon_qkv"   : Falcon-RW fused rows interleaved per head: [heads, 3, head_dim, hidden]
+#   "conv1d"       : GPT-2 Conv1D stores [in, out]: transpose to [out, in]
+#   "conv1d_split3": transpose, then split3
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One Hugging Face tensor (name template with {i}) and the role(s) it provides."""
+
+    hf: str
+    roles: tuple[str, ...]
+    transform: str | None = None
+    when: Callable[[ModelSpec], bool] | None = None  # rule applies only if this holds
+    # When `when` is false the tensor may still be in the file as a copy of another one
+    # (a tied output layer saved by torch): ignore it then instead of calling it unexpected.
+    copy_when_skipped: bool = False
+
+
+def _rules(*items: tuple) -> tuple[TensorRule, ...]:
+    out = []
+    for item in items:
+        hf, roles, *rest = item
+        roles = (roles,) if isinstance(roles, str) else tuple(roles)
+        out.append(TensorRule(hf, roles, *rest))
+    return tuple(out)
+
+
+def _has(flag: str) -> Callable[[ModelSpec], bool]:
+    return lambda spec: bool(getattr(spec, flag))
+
+
+def _untied(spec: ModelSpec) -> bool:
+    return not spec.tied_embeddings
+
+
+def _layernorm(prefix: str, role: str) -> tuple[tuple, ...]:
+    return (
+        (prefix + ".weight", role + ".w"),
+        (prefix + ".bias", role + ".b", None, _has("norm_bias")),
+    )
+
+
+def _linear(prefix: str, role: str, bias_flag: str) -> tuple[tuple, ...]:
+    return (
+        (prefix + ".weight", role + ".w"),
+        (prefix + ".bias", role + ".b", None, _has(bias_flag)),
+    )
+
+
+LLAMA_STYLE_RULES = _rules(
+    ("model.embed_tokens.weight", "embed"),
+    ("model.norm.weight", "final_norm.w"),
+    ("lm_head.weight", "lm_head.w", None, _untied, True),
+    ("model.layers.{i}.input_layernorm.weight", "attn_norm.w"),
+    *_linear("model.layers.{i}.self_attn.q_proj", "q", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.k_proj", "k", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.v_proj", "v", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.o_proj", "o", "attn_out_bias"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm.w"),
+    *_linear("model.layers.{i}.mlp.gate_proj", "gate", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.up_proj", "up", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.down_proj", "down", "mlp_bias"),
+)
+
+STABLELM_RULES = _rules(
+    ("model.embed_tokens.weight", "embed"),
+    *_layernorm("model.norm", "final_norm"),
+    ("lm_head.weight", "lm_head.w", None, _untied, True),
+    *_layernorm("model.layers.{i}.input_layernorm", "attn_norm"),
+    *_linear("model.layers.{i}.self_attn.q_proj", "q", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.k_proj", "k", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.v_proj", "v", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.o_proj", "o", "attn_out_bias"),
+    *_layernorm("model.layers.{i}.post_attention_layernorm", "mlp_norm"),
+    *_linear("model.layers.{i}.mlp.gate_proj", "gate", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.up_proj", "up", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.down_proj", "down", "mlp_bias"),
+)
+
+PHI_RULES = _rules(
+    ("model.embed_tokens.weight", "embed"),
+    *_layernorm("model.final_layernorm", "final_norm"),
+    *_linear("lm_head", "lm_head", "lm_head_bias"),
+    *_layernorm("model.layers.{i}.input_layernorm", "attn_norm"),
+    *_linear("model.layers.{i}.self_attn.q_proj", "q", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.k_proj", "k", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.v_proj", "v", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.dense", "o", "attn_out_bias"),
+    *_linear("model.layers.{i}.mlp.fc1", "up", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.fc2", "down", "mlp_bias"),
+)
+
+FALCON_RULES = _rules(
+    ("transformer.word_embeddings.weight", "embed"),
+    *_layernorm("transformer.ln_f", "final_norm"),
+    ("lm_head.weight", "lm_head.w", None, _untied, True),
+    *_layernorm("transformer.h.{i}.input_layernorm", "attn_norm"),
+    (
+        "transformer.h.{i}.self_attention.query_key_value.weight",
+        ("q.w", "k.w", "v.w"),
+        "falcon_qkv",
+    ),
+    (
+        "transformer.h.{i}.self_attention.query_key_value.bias",
+        ("q.b", "k.b", "v.b"),
+        "falcon_qkv",
+        _has("qkv_bias"),
+    ),
+    *_linear("transformer.h.{i}.self_attention.dense", "o", "attn_out_bias"),
+    *_layernorm("transformer.h.{i}.post_attention_layernorm", "mlp_norm"),
+    *_linear("transformer.h.{i}.mlp.dense_h_to_4h", "up", "mlp_bias"),
+    *_linear("transformer.h.{i}.mlp.dense_4h_to_h", "down", "mlp_bias"),
+)
+
+GPT2_RULES = _rules(
+    ("transformer.wte.weight", "embed"),
+    ("transformer.wpe.weight", "pos_embed"),
+    *_layernorm("transformer.ln_f", "final_norm"),
+    *_layernorm("transformer.h.{i}.ln_1", "attn_norm"),
+    ("transformer.h.{i}.attn.c_attn.weight", ("q.w", "k.w", "v.w"), "conv1d_split3"),
+    ("transformer.h.{i}.attn.c_attn.bias", ("q.b", "k.b", "v.b"), "split3"),
+    ("transformer.h.{i}.attn.c_proj.weight", "o.w", "conv1d"),
+    ("transformer.h.{i}.attn.c_proj.bias", "o.b"),
+    *_layernorm("transformer.h.{i}.ln_2", "mlp_norm"),
+    ("transformer.h.{i}.mlp.c_fc.weight", "up.w", "conv1d"),
+    ("transformer.h.{i}.mlp.c_fc.bias", "up.b"),
+    ("transformer.h.{i}.mlp.c_proj.weight", "down.w", "conv1d"),
+    ("transformer.h.{i}.mlp.c_proj.bias", "down.b"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading config.json
+
+
+def cfg_get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """First present key, also looking inside `rope_parameters` / `rope_scaling` (transformers 5)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+        for nested in ("rope_parameters",):
+            inner = config.get(nested)
+            if isinstance(inner, dict) and inner.get(key) is not None:
+                return inner[key]
+    return default
+
+
+HIDDEN_KEYS = ("hidden_size", "n_embd", "n_embed", "d_model")
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_approx": "gelu_tanh",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the table."""
+
+    model_type: str
+    hf_model_types: tuple[str, ...]  # config.json "model_type" values this row accepts
+    description: str
+    rules: tuple[TensorRule, ...]
+    norm: str
+    activation_keys: tuple[str, ...]  # config keys naming the activation, first found wins
+    default_activation: str
+    gated_mlp: bool
+    # Family facts that depend on config.json; each gets the raw config.
+    facts: Callable[[dict[str, Any]], dict[str, Any]] = lambda cfg: {}
+    norm_offset: float = 0.0
+    embedding_scale_sqrt_hidden: bool = False
+    optional_prefixes: tuple[str, ...] = ()  # HF names may lack this prefix (old GPT-2 files)
+    ignored: tuple[str, ...] = ()  # substrings of HF tensors that carry no weights (buffers)
+    lora_targets: dict[str, str] = field(default_factory=dict)  # PEFT module -> role
+    activation_overrides: dict[str, str] = field(default_factory=dict)
+
+    def spec(self, config: dict[str, Any], path: str | None = None) -> ModelSpec:
+        """Build the ModelSpec of a checkpoint from its config.json."""
+        hidden = _required(config, path, *HIDDEN_KEYS)
+        heads = _required(config, path, "num_attention_heads", "n_head")
+        layers = _required(config, path, "num_hidden_layers", "n_layer")
+        vocab = _required(config, path, "vocab_size")
+        head_dim = cfg_get(config, "head_dim") or hidden // heads
+        act_name = cfg_get(config, *self.activation_keys, default=self.default_activation)
+        act_name = self.activation_overrides.get(act_name, act_name)
+        if act_name not in ACTIVATIONS:
+            raise LlmToolError(f"unsupported activation {act_name!r} in config.json", path)
+        values: dict[str, Any] = dict(
+            model_type=self.model_type,
+            vocab_size=int(vocab),
+            hidden_size=int(hidden),
+            intermediate_size=int(
+                cfg_get(config, "intermediate_size", "n_inner", "ffn_hidden_size") or 4 * hidden
+            ),
+            num_layers=int(layers),
+            num_heads=int(heads),
+            num_kv_heads=int(cfg_get(config, "num_key_value_heads", "num_kv_heads") or heads),
+            head_dim=int(head_dim),
+            max_positions=int(
+                cfg_get(config, "max_position_embeddings", "n_positions", default=2048)
+            ),
+            norm=self.norm,
+            norm_eps=float(
+                cfg_get(
+                    config,
+                    "rms_norm_eps",
+                    "layer_norm_eps",
+                    "layer_norm_epsilon",
+                    "norm_eps",
+                    default=1e-5,
+                )
+            ),
+            norm_offset=self.norm_offset,
+            activation=ACTIVATIONS[act_name],
+            gated_mlp=self.gated_mlp,
+            rotary_dims=int(head_dim),
+            rope_theta=float(cfg_get(config, "rope_theta", default=10000.0)),
+            alibi=False,
+            learned_positions=False,
+            parallel_residual=False,
+            embedding_scale=math.sqrt(hidden) if self.embedding_scale_sqrt_hidden else 1.0,
+            tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+            qkv_bias=False,
+            attn_out_bias=False,
+            mlp_bias=False,
+            norm_bias=self.norm == "layer",
+            lm_head_bias=False,
+            bos_token_id=_first_int(config.get("bos_token_id")),
+            eos_token_ids=_int_tuple(config.get("eos_token_id")),
+        )
+        values.update(self.facts(config))
+        if values["num_heads"] % values["num_kv_heads"]:
+            raise LlmToolError(
+                f"num_attention_heads {heads} is not a multiple of the kv heads "
+                f"{values['num_kv_heads']} in config.json",
+                path,
+            )
+        return ModelSpec(**values)
+
+
+def _required(config: dict[str, Any], path: str | None, *keys: str) -> int:
+    value = cfg_get(config, *keys)
+    if value is None:
+        raise LlmToolError(f"config.json lacks {keys[0]!r}", path)
+    return int(value)
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return int(value) if value is not None else None
+
+
+def _int_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+def _rotary(fraction_keys: tuple[str, ...] = ("partial_rotary_factor",), default: float = 1.0):
+    def facts(cfg: dict[str, Any]) -> dict[str, Any]:
+        hidden = cfg_get(cfg, *HIDDEN_KEYS)
+        heads = cfg_get(cfg, "num_attention_heads", "n_head")
+        head_dim = cfg_get(cfg, "head_dim") or hidden // heads
+        fraction = float(cfg_get(cfg, *fraction_keys, default=default))
+        return {"rotary_dims": int(head_dim * fraction)}
+
+    return facts
+
+
+def _llama_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    bias = bool(cfg.get("attention_bias", False))
+    return {
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
+        "mlp_bias": bool(cfg.get("mlp_bias", False)),
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _gemma_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"tied_embeddings": bool(cfg.get("tie_word_embeddings", True))}
+
+
+def _qwen2_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("use_sliding_window"):
+        raise LlmToolError("Qwen2 sliding-window attention is not supported")
+    return {"qkv_bias": True, "tied_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def _phi_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("qk_layernorm"):
+        raise LlmToolError("Phi checkpoints with qk_layernorm are not supported")
+    return {
+        **_rotary(default=0.5)(cfg),
+        "parallel_residual": True,
+        "qkv_bias": True,
+        "attn_out_bias": True,
+        "mlp_bias": True,
+        "lm_head_bias": True,
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _stablelm_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("qk_layernorm") or cfg.get("use_parallel_residual"):
+        raise LlmToolError(
+            "StableLM checkpoints with qk_layernorm or parallel residual are not supported"
+        )
+    return {
+        **_rotary(default=0.25)(cfg),
+        "qkv_bias": bool(cfg.get("use_qkv_bias", False)),
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _falcon_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if (
+        cfg.get("new_decoder_architecture")
+        or cfg.get("multi_query", True)
+        or cfg.get("parallel_attn", True)
+    ):
+        raise LlmToolError(
+            "only the Falcon-RW layout is supported (multi_query, parallel_attn and "
+            "new_decoder_architecture all false)"
+        )
+    alibi = bool(cfg.get("alibi", False))
+    bias = bool(cfg.get("bias", False))
+    heads = int(cfg_get(cfg, "num_attention_heads", "n_head"))
+    return {
+        "alibi": alibi,
+        "rotary_dims": 0 if alibi else int(cfg_get(cfg, *HIDDEN_KEYS) // heads),
+        "num_kv_heads": heads,
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
+        "mlp_bias": bias,
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+    }
+
+
+def _gpt2_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        raise LlmToolError("GPT-2 checkpoints with non-default attention scaling are not supported")
+    return {
+        "rotary_dims": 0,
+        "learned_positions": True,
+        "qkv_bias": True,
+        "attn_out_bias": True,
+        "mlp_bias": True,
+        "tied_embeddings": True,
+    }
+
+
+_GEMMA = dict(
+    hf_model_types=("gemma",),
+    rules=LLAMA_STYLE_RULES,
+    norm="rms",
+    norm_offset=1.0,
+    activation_keys=("hidden_activation", "hidden_act"),
+    default_activation="gelu_pytorch_tanh",
+    # transformers maps Gemma's legacy "gelu" to the tanh approximation.
+    activation_overrides={"gelu": "gelu_pytorch_tanh"},
+    gated_mlp=True,
+    embedding_scale_sqrt_hidden=True,
+    facts=_gemma_facts,
+    lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+    ignored=("rotary_emb.inv_freq",),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture("GEMMA_2B", description="Gemma 2B (MQA, GeGLU, RMSNorm 1+w)", **_GEMMA),
+        Architecture("GEMMA_7B", description="Gemma 7B (MHA, GeGLU, RMSNorm 1+w)", **_GEMMA),
+        Architecture(
+            "PHI_2",
+            hf_model_types=("phi",),
+            description="Phi-2 (parallel attention+MLP, partial rotary, LayerNorm, biases)",
+            rules=PHI_RULES,
+            norm="layer",
+            activation_keys=("hidden_act",),
+            default_activation="gelu_new",
+            gated_mlp=False,
+            facts=_phi_facts,
+            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "dense": "o"},
+            ignored=("rotary_emb.inv_freq",),
+        ),
+        Architecture(
+            "FALCON_RW_1B",
+            hf_model_types=("falcon", "RefinedWebModel", "RefinedWeb"),
+            description="Falcon-RW-1B (ALiBi, fused per-head QKV, LayerNorm, GELU)",
+            rules=FALCON_RULES,
+            norm="layer",
+            activation_keys=("activation",),
+            default_activation="gelu",
+            gated_mlp=False,
+            facts=_falcon_facts,
+        ),
+        Architecture(
+            "STABLELM_4E1T_3B",
+            hf_model_types=("stablelm", "stablelm_epoch"),
+            description="StableLM-3B-4E1T (partial rotary, LayerNorm, SwiGLU)",
+            rules=STABLELM_RULES,
+            norm="layer",
+            activation_keys=("hidden_act",),
+            default_activation="silu",
+            gated_mlp=True,
+            facts=_stablelm_facts,
+            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+            ignored=("rotary_emb.inv_freq",),
+        ),
+        Architecture(
+            "GPT2",
+            hf_model_types=("gpt2",),
+            description="GPT-2 (learned positions, Conv1D, LayerNorm, GELU)",
+            rules=GPT2_RULES,
+            norm="layer",
+            activation_keys=("activation_function",),
+            default_activation="gelu_new",
+            gated_mlp=False,
+            facts=_gpt2_facts,
+            optional_prefixes=("transformer.",),
+            ignored=(".attn.bias", ".attn.masked_bias", "lm_head.weight"),
+        ),
+        Architecture(
+            "LLAMA",
+            hf_model_types=("llama", "mistral"),
+            description="Llama / Mistral-style (RMSNorm, SwiGLU, rotary, GQA)",
+            rules=LLAMA_STYLE_RULES,
+            norm="rms",
+            activation_keys=("hidden_act",),
+            default_activation="silu",
+            gated_mlp=True,
+            facts=_llama_facts,
+            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+            ignored=("rotary_emb.inv_freq",),
+        ),
+        Architecture(
+            "QWEN2",
+            hf_model_types=("qwen2",),
+            description="Qwen2 / Qwen2.5 (RMSNorm, SwiGLU, rotary, GQA, QKV bias)",
+            rules=LLAMA_STYLE_RULES,
+            norm="rms",
+            activation_keys=("hidden_act",),
+            default_activation="silu",
+            gated_mlp=True,
+            facts=_qwen2_facts,
+            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+            ignored=("rotary_emb.inv_freq",),
+        ),
+    )
+}
+
+
+def get_architecture(model_type: str) -> Architecture:
+    try:
+        return ARCHITECTURES[model_type.upper()]
+    except KeyError:
+        known = ", ".join(ARCHITECTURES)
+        raise LlmToolError(f"unknown model type {model_type!r} (known: {known})") from None
+
+
+def check_config_matches(arch: Architecture, config: dict[str, Any], path: str | None) -> None:
+    """A clear error when config.json describes another family than --model-type."""
+    found = config.get("model_type")
+    if found is None or found in arch.hf_model_types:
+        return
+    guesses = [a.model_type for a in ARCHITECTURES.values() if found in a.hf_model_types]
+    hint = f" (did you mean {' or '.join(guesses)}?)" if guesses else ""
+    raise LlmToolError(
+        f"config.json has model_type {found!r}, which is not a {arch.model_type} checkpoint{hint}",
+        path,
+    )

@@ -1,0 +1,328 @@
+"""The `llmtool` command line: parse flags, merge YAML, call a pipeline, print with Rich.
+
+No work happens here. A user mistake (LlmToolError) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmtool.errors import LlmToolError
+
+app = typer.Typer(
+    name="llmtool",
+    help="Convert Hugging Face language models to on-device TFLite artifacts, bundle and run them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LlmToolError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # disk full, permission denied, ...
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            err.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ProgressBar:
+    """A Rich progress bar driven by the pipelines' (done, total, what) callback."""
+
+    def __init__(self, title: str, enabled: bool):
+        self.enabled = enabled
+        self.title = title
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[what]}"),
+                console=err,
+                transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.title, total=None, what="")
+        return self
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total, what=what[-60:])
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML file whose keys are the config's field names; flags win."),
+]
+
+
+# ------------------------------------------------------------------------------------------
+# convert
+
+
+@app.command()
+@friendly_errors
+def convert(
+    model_type: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture: GEMMA_2B, GEMMA_7B, PHI_2, FALCON_RW_1B, "
+            "STABLELM_4E1T_3B, GPT2, LLAMA, QWEN2."
+        ),
+    ] = None,
+    input_ckpt: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint file, folder, or glob such as 'model*.safetensors'."),
+    ] = None,
+    ckpt_format: Annotated[
+        str | None, typer.Option(help="safetensors or pytorch (default: from file names).")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Target processor: cpu or gpu.")] = None,
+    output_dir: Annotated[
+        str | None, typer.Option(help="Also write one file per tensor + layer_info.txt here.")
+    ] = None,
+    output_tflite_file: Annotated[
+        str | None, typer.Option(help="The converted model file, e.g. model_cpu.bin.")
+    ] = None,
+    combine_file_only: Annotated[
+        bool | None,
+        typer.Option(help="Only combine the per-tensor files of --output-dir into the output."),
+    ] = None,
+    vocab_model_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer folder (tokenizer.json...) or tokenizer.model; "
+            "default: the checkpoint folder."
+        ),
+    ] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="Shorthand for all three *-quant-bits: float32, float16, int8 (default), int4."
+        ),
+    ] = None,
+    attention_quant_bits: Annotated[
+        int | None, typer.Option(help="Bits of attention weights: 32, 16, 8 or 4.")
+    ] = None,
+    feedforward_quant_bits: Annotated[
+        int | None, typer.Option(help="Bits of feed-forward weights: 32, 16, 8 or 4.")
+    ] = None,
+    embedding_quant_bits: Annotated[
+        int | None, typer.Option(help="Bits of embedding/output weights: 32, 16, 8 or 4.")
+    ] = None,
+    is_symmetric: Annotated[
+        bool | None,
+        typer.Option(
+            "--is-symmetric/--no-is-symmetric",
+            help="Symmetric per-channel quantization (default) or with zero points.",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert a Hugging Face checkpoint into an on-device model file (.bin container)."""
+    from llmtool.config import ConversionConfig, merge_config
+    from llmtool.pipelines.convert import convert as run_convert
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "json_out")}
+    cfg = merge_config(ConversionConfig, config, flags)
+    with ProgressBar("converting", enabled=not json_out) as bar:
+        summary = run_convert(cfg, progress=bar)
+    if json_out:
+        print_json(summary)
+        return
+    out.print(
+        f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
+        f"{summary['tensors']} tensors) in {summary['seconds']:.1f} s",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# inspect
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A converted model (.bin) or LoRA file.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show what a converted model holds: type, backend, parameters, tokenizer, tensors."""
+    from llmtool.pipelines.inspect import describe
+
+    info = describe(file)
+    if json_out:
+        print_json(info)
+        return
+    out.print(f"[bold]{info['file']}[/]  {human_bytes(info['file_bytes'])}")
+    for key in ("model_type", "backend", "parameters", "quant_bits"):
+        if info.get(key) is not None:
+            out.print(f"  {key}: {info[key]}", highlight=False)
+    tok = info.get("tokenizer") or {}
+    if tok:
+        out.print(
+            f"  tokenizer: {tok.get('kind')} vocab {tok.get('vocab_size')}, "
+            f"bos {tok.get('bos_token')!r}, stop {tok.get('stop_tokens')}",
+            highlight=False,
+        )
+    table = Table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
+    for t in info["tensors"]:
+        table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], str(t["bytes"]))
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+@friendly_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="A converted model (.bin container).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The graph file to write.")],
+    max_seq_len: Annotated[
+        int, typer.Option(help="KV cache length: the most tokens (input + output) it runs.")
+    ] = 1024,
+    prefill_len: Annotated[int, typer.Option(help="Tokens per prefill call.")] = 64,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a converted model as a TFLite graph with prefill/decode signatures."""
+    from llmtool.export import ExportOptions, export_graph
+
+    with ProgressBar("exporting", enabled=not json_out) as bar:
+        summary = export_graph(model, output, ExportOptions(max_seq_len, prefill_len), bar)
+    if json_out:
+        print_json(summary)
+        return
+    out.print(
+        f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
+        f"signatures {', '.join(summary['signatures'])}, KV cache {summary['max_seq_len']})",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# run
+
+
+@app.command()
+@friendly_errors
+def run(
+    prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from standard input.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Converted model (.bin) or exported graph (.tflite); default: the embedded model."
+        ),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens handled: input + output.")] = 512,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 40,
+    temperature: Annotated[
+        float, typer.Option(help="Randomness; 0 (or --top-k 1) is greedy.")
+    ] = 0.8,
+    random_seed: Annotated[int, typer.Option(help="Sampler seed: same seed, same text.")] = 0,
+    context_window: Annotated[
+        int | None,
+        typer.Option(help="Prompt tokens kept (the last ones); default max-tokens / 2."),
+    ] = None,
+    num_threads: Annotated[int | None, typer.Option(help="Interpreter threads.")] = None,
+    safety_filter: Annotated[
+        Path | None,
+        typer.Option(help="Word list file: refuse a prompt, or stop the output, containing one."),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")
+    ] = True,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Print text, token ids, timings and tokens/s as JSON."),
+    ] = False,
+) -> None:
+    """Generate text from a prompt with a converted model on the LiteRT interpreter."""
+    from llmtool.runtime.inference import LlmInference, LlmInferenceOptions, SafetyFilter
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    options = LlmInferenceOptions(
+        model_path=str(model) if model else None,
+        max_tokens=max_tokens,
+        top_k=top_k,
+        temperature=temperature,
+        random_seed=random_seed,
+        context_window=context_window,
+        num_threads=num_threads,
+        safety_filter=SafetyFilter.from_file(safety_filter).words if safety_filter else [],
+    )
+    llm = LlmInference.create_from_options(options)
+    streaming = stream and not json_out
+
+    def show(piece: str, done: bool) -> None:
+        sys.stdout.write(piece + ("\n" if done else ""))
+        sys.stdout.flush()
+
+    result = llm.generate(prompt, listener=show if streaming else None)
+    if json_out:
+        print_json(result.as_dict())
+        return
+    if not streaming:
+        sys.stdout.write(result.text + "\n")
+    if result.stop_reason == "safety_filter":
+        err.print("[yellow]output stopped by the safety filter[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

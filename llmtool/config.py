@@ -1,0 +1,123 @@
+"""Run configurations that mirror MediaPipe's ConversionConfig, and YAML loading.
+
+A YAML file's keys are the dataclass field names; command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmtool.errors import LlmToolError
+
+QUANTIZATION_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
+VALID_BITS = (32, 16, 8, 4)
+
+
+@dataclass
+class ConversionConfig:
+    """What `llmtool convert` does; field names follow MediaPipe's ConversionConfig."""
+
+    input_ckpt: str | None = None
+    model_type: str | None = None
+    ckpt_format: str | None = None  # inferred from the file names when None
+    backend: str = "cpu"
+    output_dir: str | None = None  # also write one file per tensor + layer_info.txt here
+    output_tflite_file: str | None = None
+    combine_file_only: bool = False
+    vocab_model_file: str | None = None  # defaults to the checkpoint folder
+    quantization: str | None = None  # shorthand setting all three *_quant_bits
+    attention_quant_bits: int | None = None
+    feedforward_quant_bits: int | None = None
+    embedding_quant_bits: int | None = None
+    is_symmetric: bool = True
+    lora_ckpt: str | None = None
+    lora_rank: int | None = None
+    lora_output_tflite_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def bits(self) -> dict[str, int]:
+        """Bits per weight kind after applying the shorthand (default int8, as the reference)."""
+        if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
+            raise LlmToolError(
+                f"unknown quantization {self.quantization!r} (use {', '.join(QUANTIZATION_BITS)})"
+            )
+        base = QUANTIZATION_BITS[self.quantization or "int8"]
+        out = {}
+        for kind in ("attention", "feedforward", "embedding"):
+            value = getattr(self, f"{kind}_quant_bits")
+            value = base if value is None else int(value)
+            if value not in VALID_BITS:
+                raise LlmToolError(f"{kind}_quant_bits must be one of 32, 16, 8, 4 (got {value})")
+            out[kind] = value
+        return out
+
+    def validate(self) -> None:
+        if self.backend not in ("cpu", "gpu"):
+            raise LlmToolError(f"backend must be cpu or gpu (got {self.backend!r})")
+        if not self.output_tflite_file:
+            raise LlmToolError("no output file: give --output-tflite-file")
+        if self.combine_file_only:
+            if not self.output_dir:
+                raise LlmToolError("--combine-file-only needs --output-dir")
+        else:
+            if not self.input_ckpt:
+                raise LlmToolError("no checkpoint: give --input-ckpt")
+            if not self.model_type:
+                raise LlmToolError("no model type: give --model-type")
+        self.bits()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise LlmToolError("config file not found", p)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmToolError(f"invalid YAML ({first})", p) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlmToolError("expected a mapping of option names to values", p)
+    return data
+
+
+def merge_config(cls: type, yaml_path: str | Path | None, overrides: dict[str, Any]) -> Any:
+    """A `cls` instance from a YAML file (optional) with non-None flag values on top.
+
+    Relative paths in the YAML file are taken relative to the file's folder.
+    """
+    names = {f.name for f in fields(cls)} - {"extra"}
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        raw = load_yaml(yaml_path)
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise LlmToolError(f"unknown key {unknown[0]!r} in config file", yaml_path)
+        base = Path(yaml_path).parent
+        for key, value in raw.items():
+            if isinstance(value, str) and _is_path_field(key) and not Path(value).is_absolute():
+                value = str(base / value)
+            values[key] = value
+    values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+    return replace(cls(), **values)
+
+
+def _is_path_field(name: str) -> bool:
+    return name in {
+        "input_ckpt",
+        "output_dir",
+        "output_tflite_file",
+        "vocab_model_file",
+        "lora_ckpt",
+        "lora_output_tflite_file",
+        "tflite_model",
+        "tokenizer_model",
+        "output_filename",
+        "model",
+    }
