@@ -1,0 +1,505 @@
+"""Container -> TFLite graph: one generic decoder for every architecture in the table.
+
+The graph follows the AI Edge / LiteRT-LM convention: signatures `prefill_<T>` (T tokens at a
+time) and `decode` (one token), inputs `tokens` [1,T] int32, `input_pos` [T] int32, `mask`
+[1,1,T,S] float32 (additive: 0 = attend, large negative = masked), and per layer
+`kv_cache_k_<i>` [1,KVH,S,D] and `kv_cache_v_<i>` [1,KVH,D,S]; outputs `logits` [1,T,V] and the
+updated caches under the input names. Builtin ops only. Weights keep the container's dtype
+(float32; float16 through DEQUANTIZE; int8/int4 per-channel dynamic range), and the two
+signatures share one copy of every weight buffer.
+
+Everything model-specific comes from the ModelSpec: the builder below only asks it questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtool.architectures import ModelSpec, role_name
+from llmtool.errors import LlmToolError
+from llmtool.formats import metadata as keys
+from llmtool.formats.container import Container
+from llmtool.formats.tflite_model import (
+    ModelWriter,
+    Operator,
+    Quantization,
+    Signature,
+    Subgraph,
+    Tensor,
+)
+from llmtool.quantization import pack_int4, unpack_int4
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    max_seq_len: int = 1024  # KV cache length S (clamped to the model's max positions)
+    prefill_len: int = 64  # tokens per prefill call
+
+
+class _Weights:
+    """Container tensors as graph constants; one buffer per constant, shared by all subgraphs."""
+
+    def __init__(self, container: Container, writer: ModelWriter):
+        self.c = container
+        self.writer = writer
+        self._buffers: dict[str, tuple[int, tuple[int, ...], str]] = {}
+
+    def buffer(self, key: str, make: Callable[[], np.ndarray]) -> tuple[int, tuple[int, ...], str]:
+        """(buffer index, shape, dtype) of a constant; `make` runs once per model."""
+        if key not in self._buffers:
+            arr = np.ascontiguousarray(make())
+            self._buffers[key] = (self.writer.add_buffer(arr), arr.shape, str(arr.dtype))
+        return self._buffers[key]
+
+
+def _runtime_layout(c: Container, name: str) -> np.ndarray:
+    """Stored bytes as LiteRT reads them: INT4 is packed over the flattened tensor, so rows of
+    odd length (packed row by row in the container) are repacked."""
+    info = c.info(name)
+    raw = c.raw(name)
+    if info.dtype == "int4" and info.shape[-1] % 2:
+        return pack_int4(unpack_int4(raw, info.shape).reshape(-1))
+    return raw
+
+
+class _Subgraph:
+    """A small SSA-style builder over the generic writer's dataclasses."""
+
+    def __init__(self, name: str, weights: _Weights):
+        self.name = name
+        self.w = weights
+        self.tensors: list[Tensor] = []
+        self.ops: list[Operator] = []
+        self.inputs: dict[str, int] = {}
+        self.outputs: dict[str, int] = {}
+        self._consts: dict[str, int] = {}
+        self._n = 0
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def tensor(
+        self,
+        shape: tuple[int, ...],
+        dtype: str = "float32",
+        name: str | None = None,
+        buffer: int = 0,
+        quant: Quantization | None = None,
+    ) -> int:
+        self._n += 1
+        self.tensors.append(
+            Tensor(
+                name=name or f"t{self._n}",
+                shape=tuple(int(s) for s in shape),
+                dtype=dtype,
+                buffer=buffer,
+                quantization=quant,
+            )
+        )
+        return len(self.tensors) - 1
+
+    def input(self, name: str, shape: tuple[int, ...], dtype: str = "float32") -> int:
+        idx = self.tensor(shape, dtype, name)
+        self.inputs[name] = idx
+        return idx
+
+    def shape(self, t: int) -> tuple[int, ...]:
+        return self.tensors[t].shape
+
+    def const(self, key: str, make: Callable[[], np.ndarray]) -> int:
+        """A constant tensor; `make` is called once per model and the buffer is shared."""
+        if key not in self._consts:
+            buf, shape, dtype = self.w.buffer(key, make)
+            self._consts[key] = self.tensor(shape, dtype, key, buf)
+        return self._consts[key]
+
+    def ints(self, values: list[int] | tuple[int, ...]) -> int:
+        key = "i32:" + ",".join(map(str, values))
+        return self.const(key, lambda: np.asarray(values, dtype=np.int32))
+
+    def scalar(self, value: float) -> int:
+        key = f"f32:{float(value)!r}"
+        return self.const(key, lambda: np.asarray([value], dtype=np.float32))
+
+    def weight(self, name: str) -> int:
+        """A container tensor as a float-producing constant (DEQUANTIZE for float16)."""
+        key = "w:" + name
+        if key in self._consts:
+            return self._consts[key]
+        info = self.w.c.info(name)
+        if info.dtype in ("int8", "int4") and np.any(info.zero_point != 0):
+            # Dynamic-range kernels need symmetric weights: widen asymmetric ones at export.
+            t = self.const("wf:" + name, lambda: self.w.c.float(name))
+        elif info.dtype in ("int8", "int4"):
+            buf = self.w.buffer(key, lambda: _runtime_layout(self.w.c, name))[0]
+            q = Quantization(
+                scale=np.asarray(info.scale, np.float32),
+                zero_point=np.zeros(len(info.scale), np.int64),
+                axis=info.axis,
+            )
+            t = self.tensor(info.shape, info.dtype, name, buf, q)
+        else:
+            buf = self.w.buffer(key, lambda: self.w.c.raw(name))[0]
+            t = self.tensor(info.shape, info.dtype, name, buf)
+            if info.dtype == "float16":
+                t = self.op("DEQUANTIZE", [t], info.shape)
+        self._consts[key] = t
+        return t
+
+    # -- ops --------------------------------------------------------------------------------
+
+    def op(
+        self,
+        op: str,
+        inputs: list[int],
+        shape: tuple[int, ...],
+        dtype: str = "float32",
+        options: dict[str, Any] | None = None,
+    ) -> int:
+        out = self.tensor(shape, dtype)
+        self.ops.append(Operator(op=op, inputs=list(inputs), outputs=[out], options=options or {}))
+        return out
+
+    def binary(self, op: str, a: int, b: int) -> int:
+        shape = np.broadcast_shapes(self.shape(a), self.shape(b))
+        return self.op(op, [a, b], shape, options={"fused_activation_function": "NONE"})
+
+    def add(self, a: int, b: int) -> int:
+        return self.binary("ADD", a, b)
+
+    def mul(self, a: int, b: int) -> int:
+        return self.binary("MUL", a, b)
+
+    def sub(self, a: int, b: int) -> int:
+        return self.binary("SUB", a, b)
+
+    def reshape(self, x: int, shape: tuple[int, ...]) -> int:
+        if self.shape(x) == tuple(shape):
+            return x
+        return self.op(
+            "RESHAPE",
+            [x, self.ints(shape)],
+            shape,
+            self.tensors[x].dtype,
+            {"new_shape": list(shape)},
+        )
+
+    def transpose(self, x: int, perm: tuple[int, ...]) -> int:
+        shape = tuple(self.shape(x)[p] for p in perm)
+        return self.op("TRANSPOSE", [x, self.ints(perm)], shape, self.tensors[x].dtype)
+
+    def slice(self, x: int, begin: tuple[int, ...], size: tuple[int, ...]) -> int:
+        return self.op("SLICE", [x, self.ints(begin), self.ints(size)], size, self.tensors[x].dtype)
+
+    def concat(self, xs: list[int], axis: int) -> int:
+        shape = list(self.shape(xs[0]))
+        shape[axis] = sum(self.shape(x)[axis] for x in xs)
+        return self.op(
+            "CONCATENATION",
+            xs,
+            tuple(shape),
+            self.tensors[xs[0]].dtype,
+            {"axis": axis, "fused_activation_function": "NONE"},
+        )
+
+    def mean_last(self, x: int) -> int:
+        shape = (*self.shape(x)[:-1], 1)
+        return self.op(
+            "MEAN", [x, self.ints([len(self.shape(x)) - 1])], shape, options={"keep_dims": True}
+        )
+
+    def fc(self, x: int, w_name: str, b_name: str | None = None) -> int:
+        w = self.weight(w_name)
+        inputs = [x, w, self.weight(b_name) if b_name else -1]
+        out = (*self.shape(x)[:-1], self.shape(w)[0])
+        return self.op(
+            "FULLY_CONNECTED",
+            inputs,
+            out,
+            options={
+                "fused_activation_function": "NONE",
+                "keep_num_dims": True,
+                "asymmetric_quantize_inputs": True,
+            },
+        )
+
+    def batch_matmul(self, a: int, b: int, adj_y: bool) -> int:
+        sa, sb = self.shape(a), self.shape(b)
+        n = sb[-2] if adj_y else sb[-1]
+        return self.op(
+            "BATCH_MATMUL", [a, b], (*sa[:-1], n), options={"adj_x": False, "adj_y": adj_y}
+        )
+
+
+class _Decoder:
+    """The generic decoder: every architecture is this graph with other ModelSpec values."""
+
+    def __init__(self, spec: ModelSpec, seq_len: int):
+        self.spec = spec
+        self.S = seq_len
+
+    # -- constants derived from the spec ----------------------------------------------------
+
+    def rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sign-folded sin tables [S, rotary_dims], as transformers computes them."""
+        rd = self.spec.rotary_dims
+        idx = np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / np.float32(rd)
+        inv_freq = (1.0 / (np.float32(self.spec.rope_theta) ** idx)).astype(np.float32)
+        freqs = np.arange(self.S, dtype=np.float32)[:, None] * inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float32)
+        cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+        half = rd // 2
+        sin[:, :half] *= -1.0  # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin)
+        return cos, sin
+
+    def alibi_table(self) -> np.ndarray:
+        """[heads, 1, S] biases, rounded through bfloat16 as transformers' Falcon does."""
+        import torch
+
+        n = self.spec.num_heads
+        closest = 2 ** math.floor(math.log2(n))
+        base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+        slopes = [base**p for p in range(1, closest + 1)]
+        if closest != n:
+            extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+            slopes += [extra**p for p in range(1, 1 + 2 * min(closest, n - closest), 2)]
+        s = torch.tensor(slopes, dtype=torch.float32)[:, None].bfloat16()
+        pos = torch.arange(self.S)[None, :]
+        table = (s * pos).float().numpy() / math.sqrt(self.spec.head_dim)
+        return table[:, None, :].astype(np.float32)
+
+    # -- building blocks ----------------------------------------------------------------------
+
+    def norm(self, g: _Subgraph, x: int, role: str, layer: int | None) -> int:
+        spec = self.spec
+        w_name = role_name(role + ".w", layer)
+        if spec.norm == "rms":
+            ms = g.mean_last(g.mul(x, x))
+            r = g.op("RSQRT", [g.add(ms, g.scalar(spec.norm_eps))], g.shape(ms))
+            y = g.mul(x, r)
+            if spec.norm_offset:
+                scale = g.const(
+                    "wo:" + w_name, lambda: g.w.c.float(w_name) + np.float32(spec.norm_offset)
+                )
+            else:
+                scale = g.weight(w_name)
+            return g.mul(y, scale)
+        mean = g.mean_last(x)
+        d = g.sub(x, mean)
+        var = g.mean_last(g.mul(d, d))
+        r = g.op("RSQRT", [g.add(var, g.scalar(spec.norm_eps))], g.shape(var))
+        y = g.mul(g.mul(d, r), g.weight(w_name))
+        if spec.norm_bias:
+            y = g.add(y, g.weight(role_name(role + ".b", layer)))
+        return y
+
+    def linear(self, g: _Subgraph, x: int, role: str, layer: int | None, bias: bool) -> int:
+        return g.fc(
+            x, role_name(role + ".w", layer), role_name(role + ".b", layer) if bias else None
+        )
+
+    def activation(self, g: _Subgraph, x: int) -> int:
+        act = self.spec.activation
+        if act in ("gelu", "gelu_tanh"):
+            return g.op("GELU", [x], g.shape(x), options={"approximate": act == "gelu_tanh"})
+        if act == "silu":
+            return g.mul(x, g.op("LOGISTIC", [x], g.shape(x)))
+        return g.op("RELU", [x], g.shape(x))
+
+    def rotary(self, g: _Subgraph, x: int, cos: int, sin: int) -> int:
+        """Rotate the first rotary_dims of every head (x: [T, heads, D])."""
+        T, H, D = g.shape(x)
+        rd = self.spec.rotary_dims
+        rot = x if rd == D else g.slice(x, (0, 0, 0), (T, H, rd))
+        half = rd // 2
+        x1 = g.slice(rot, (0, 0, 0), (T, H, half))
+        x2 = g.slice(rot, (0, 0, half), (T, H, half))
+        out = g.add(g.mul(rot, cos), g.mul(g.concat([x2, x1], axis=2), sin))
+        if rd == D:
+            return out
+        return g.concat([out, g.slice(x, (0, 0, rd), (T, H, D - rd))], axis=2)
+
+    def attention(self, g: _Subgraph, x: int, layer: int, ctx: dict[str, int]) -> int:
+        spec = self.spec
+        T = g.shape(x)[0]
+        NH, KVH, D, S = spec.num_heads, spec.num_kv_heads, spec.head_dim, self.S
+        G = NH // KVH
+        q = g.reshape(self.linear(g, x, "q", layer, spec.qkv_bias), (T, NH, D))
+        k = g.reshape(self.linear(g, x, "k", layer, spec.qkv_bias), (T, KVH, D))
+        v = g.reshape(self.linear(g, x, "v", layer, spec.qkv_bias), (T, KVH, D))
+        if spec.rotary_dims:
+            q = self.rotary(g, q, ctx["cos"], ctx["sin"])
+            k = self.rotary(g, k, ctx["cos"], ctx["sin"])
+        q = g.mul(q, g.scalar(1.0 / math.sqrt(D)))
+
+        # Write this call's keys/values into the caches at input_pos[0].
+        k_cache = g.input(f"kv_cache_k_{layer}", (1, KVH, S, D))
+        v_cache = g.input(f"kv_cache_v_{layer}", (1, KVH, D, S))
+        k_new = g.reshape(g.transpose(k, (1, 0, 2)), (1, KVH, T, D))
+        v_new = g.reshape(g.transpose(v, (1, 2, 0)), (1, KVH, D, T))
+        k_all = g.op("DYNAMIC_UPDATE_SLICE", [k_cache, k_new, ctx["k_start"]], (1, KVH, S, D))
+        v_all = g.op("DYNAMIC_UPDATE_SLICE", [v_cache, v_new, ctx["v_start"]], (1, KVH, D, S))
+        g.outputs[f"kv_cache_k_{layer}"] = k_all
+        g.outputs[f"kv_cache_v_{layer}"] = v_all
+
+        # Scores for the query heads of each kv head at once: [KVH, G*T, S].
+        qg = g.reshape(g.transpose(q, (1, 0, 2)), (KVH, G * T, D))
+        scores = g.batch_matmul(qg, g.reshape(k_all, (KVH, S, D)), adj_y=True)
+        scores = g.add(g.reshape(scores, (NH, T, S)), ctx["mask"])
+        if spec.alibi:
+            scores = g.add(scores, ctx["alibi"])
+        probs = g.op("SOFTMAX", [scores], (NH, T, S), options={"beta": 1.0})
+        probs = g.reshape(probs, (KVH, G * T, S))
+        ctx_v = g.batch_matmul(probs, g.reshape(v_all, (KVH, D, S)), adj_y=True)
+        heads = g.transpose(g.reshape(ctx_v, (NH, T, D)), (1, 0, 2))
+        return self.linear(g, g.reshape(heads, (T, NH * D)), "o", layer, spec.attn_out_bias)
+
+    def mlp(self, g: _Subgraph, x: int, layer: int) -> int:
+        spec = self.spec
+        up = self.linear(g, x, "up", layer, spec.mlp_bias)
+        if spec.gated_mlp:
+            h = g.mul(self.activation(g, self.linear(g, x, "gate", layer, spec.mlp_bias)), up)
+        else:
+            h = self.activation(g, up)
+        return self.linear(g, h, "down", layer, spec.mlp_bias)
+
+    # -- the whole model ----------------------------------------------------------------------
+
+    def build(self, g: _Subgraph, T: int) -> None:
+        spec, S = self.spec, self.S
+        tokens = g.input("tokens", (1, T), "int32")
+        input_pos = g.input("input_pos", (T,), "int32")
+        mask_in = g.input("mask", (1, 1, T, S))
+
+        ctx: dict[str, int] = {"mask": g.reshape(mask_in, (1, T, S))}
+        pos0 = g.slice(input_pos, (0,), (1,))
+        ctx["k_start"] = g.concat([g.ints([0, 0]), pos0, g.ints([0])], axis=0)
+        ctx["v_start"] = g.concat([g.ints([0, 0, 0]), pos0], axis=0)
+        if spec.rotary_dims:
+            cos_t, sin_t = (
+                g.const(f"rope_{n}", (lambda i=i: self.rope_tables()[i]))
+                for i, n in enumerate(("cos", "sin"))
+            )
+            rd = spec.rotary_dims
+            gather = {"axis": 0, "batch_dims": 0}
+            ctx["cos"] = g.reshape(
+                g.op("GATHER", [cos_t, input_pos], (T, rd), options=gather), (T, 1, rd)
+            )
+            ctx["sin"] = g.reshape(
+                g.op("GATHER", [sin_t, input_pos], (T, rd), options=gather), (T, 1, rd)
+            )
+        if spec.alibi:
+            ctx["alibi"] = g.const("alibi", self.alibi_table)
+
+        x = self.embed(g, g.reshape(tokens, (T,)), input_pos)
+        for layer in range(spec.num_layers):
+            n1 = self.norm(g, x, "attn_norm", layer)
+            attn = self.attention(g, n1, layer, ctx)
+            if spec.parallel_residual:
+                x = g.add(g.add(x, attn), self.mlp(g, n1, layer))
+            else:
+                x = g.add(x, attn)
+                x = g.add(x, self.mlp(g, self.norm(g, x, "mlp_norm", layer), layer))
+        x = self.norm(g, x, "final_norm", None)
+        if spec.tied_embeddings:
+            logits = g.fc(x, role_name("embed"))
+        else:
+            logits = g.fc(
+                x, role_name("lm_head.w"), role_name("lm_head.b") if spec.lm_head_bias else None
+            )
+        g.outputs["logits"] = g.reshape(logits, (1, T, spec.vocab_size))
+
+    def embed(self, g: _Subgraph, ids: int, input_pos: int) -> int:
+        spec = self.spec
+        name = role_name("embed")
+        info = g.w.c.info(name)
+        T = g.shape(ids)[0]
+        if info.dtype in ("float32", "int8") and not np.any(info.zero_point != 0):
+            table = g.weight(name)
+            x = g.op("EMBEDDING_LOOKUP", [ids, table], (T, spec.hidden_size))
+        else:
+            # float16 / int4 / asymmetric tables: gather from a float32 copy.
+            table = g.const("ef:" + name, lambda: g.w.c.float(name))
+            x = g.op(
+                "GATHER", [table, ids], (T, spec.hidden_size), options={"axis": 0, "batch_dims": 0}
+            )
+        if spec.embedding_scale != 1.0:
+            x = g.mul(x, g.scalar(np.float32(spec.embedding_scale)))
+        if spec.learned_positions:
+            pos = g.const("pos", lambda: g.w.c.float(role_name("pos_embed"))[: self.S])
+            x = g.add(
+                x,
+                g.op(
+                    "GATHER",
+                    [pos, input_pos],
+                    (T, spec.hidden_size),
+                    options={"axis": 0, "batch_dims": 0},
+                ),
+            )
+        return x
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def is_graph(model: Any) -> bool:
+    """True for an exported graph, False for a weights container (no operators)."""
+    return any(sg.operators for sg in model.subgraphs)
+
+
+def export_graph(
+    container_path: str | Path,
+    output_path: str | Path,
+    options: ExportOptions | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the prefill/decode graph of a converted container; returns a summary."""
+    options = options or ExportOptions()
+    report = progress or (lambda done, total, what: None)
+    with Container.open(container_path) as c:
+        if keys.MODEL_SPEC not in c.metadata:
+            raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
+        spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC])
+        S = min(options.max_seq_len, spec.max_positions)
+        if S < 2:
+            raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
+        T = max(1, min(options.prefill_len, S))
+        writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
+        weights = _Weights(c, writer)
+        decoder = _Decoder(spec, S)
+        signatures = [(f"prefill_{T}", T), ("decode", 1)]
+        for i, (key, length) in enumerate(signatures):
+            report(i, len(signatures) + 1, f"building {key}")
+            g = _Subgraph(key, weights)
+            decoder.build(g, length)
+            index = writer.add_subgraph(
+                Subgraph(
+                    name=key,
+                    tensors=g.tensors,
+                    inputs=list(g.inputs.values()),
+                    outputs=list(g.outputs.values()),
+                    operators=g.ops,
+                )
+            )
+            writer.add_signature(Signature(key, index, dict(g.inputs), dict(g.outputs)))
+        for name, data in sorted(c.metadata.items()):
+            writer.add_metadata(name, data)
+        graph_info = {"prefill_len": T, "max_seq_len": S, "signatures": [k for k, _ in signatures]}
+        writer.add_metadata(keys.GRAPH, json.dumps(graph_info, sort_keys=True).encode())
+        report(len(signatures), len(signatures) + 1, "writing")
+        output = Path(output_path)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        writer.write(output)
+        report(len(signatures) + 1, len(signatures) + 1, "done")
+    return {
+        "output": str(output),
+        "output_bytes": output.stat().st_size,
+        "model_type": spec.model_type,
+        **graph_info,
+    }

@@ -1,0 +1,202 @@
+"""A LiteRT interpreter session over an exported graph: prefill, decode and the KV cache.
+
+The caches live in the interpreter's own input tensors. After each call only the rows the call
+wrote (T positions per layer) are copied from the output tensors into the inputs, through
+zero-copy numpy views, so Python never copies the whole cache per token (only when switching
+between the prefill and decode signatures, once per prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmtool.errors import LlmToolError
+
+MASK_VALUE = np.float32(-1e9)
+
+
+def load_interpreter_class():
+    """ai-edge-litert's Interpreter, or tflite_runtime's when only that is installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # pragma: no cover - depends on the environment
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError:
+            raise LlmToolError("no TFLite interpreter: pip install ai-edge-litert") from None
+    return Interpreter
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[_Captured]:
+    """Keep the native library's start-up chatter ("INFO: Created TensorFlow Lite XNNPACK
+    delegate") off the user's terminal; the text stays available for error messages."""
+    captured = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(captured.file.fileno(), 2)
+    try:
+        yield captured
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@dataclass
+class _Signature:
+    key: str
+    length: int  # tokens per call
+    subgraph: int
+    inputs: dict[str, int]  # name -> tensor index
+    outputs: dict[str, int]
+
+
+class Engine:
+    """Run prefill/decode signatures of one graph, keeping the KV cache between calls."""
+
+    def __init__(self, graph_path: str | Path, num_threads: int | None = None):
+        Interpreter = load_interpreter_class()
+        self.path = Path(graph_path)
+        threads = num_threads or min(4, os.cpu_count() or 1)
+        try:
+            with _native_stderr_captured() as captured:
+                self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
+        except (ValueError, RuntimeError) as exc:
+            detail = (str(exc) or captured.text()).strip().splitlines()
+            reason = detail[0] if detail else type(exc).__name__
+            raise LlmToolError(f"LiteRT cannot load this graph ({reason})", self.path) from None
+        sigs = self.interpreter.get_signature_list()
+        self._wrapper = self.interpreter._interpreter  # the pybind wrapper: zero-copy views
+        self._runners = {}
+        self._sigs: dict[str, _Signature] = {}
+        for key in sigs:
+            runner = self.interpreter.get_signature_runner(key)
+            m = re.fullmatch(r"prefill_(\d+)", key)
+            if key != "decode" and not m:
+                continue
+            ins = {n: d["index"] for n, d in runner.get_input_details().items()}
+            outs = {n: d["index"] for n, d in runner.get_output_details().items()}
+            length = int(m.group(1)) if m else 1
+            sub = self._wrapper.GetSubgraphIndexFromSignature(key)
+            self._sigs[key] = _Signature(key, length, sub, ins, outs)
+            self._runners[key] = runner
+        if "decode" not in self._sigs:
+            raise LlmToolError("graph has no 'decode' signature", self.path)
+        self.prefill_keys = sorted(
+            (k for k in self._sigs if k != "decode"), key=lambda k: self._sigs[k].length
+        )
+        decode = self._runners["decode"]
+        details = decode.get_input_details()
+        self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
+        self.cache_shapes = {n: tuple(details[n]["shape"]) for n in self.cache_names}
+        k0 = self.cache_shapes.get("kv_cache_k_0")
+        if k0 is None:
+            raise LlmToolError("graph has no KV cache inputs", self.path)
+        self.max_seq_len = int(k0[2])
+        self.vocab_size = int(decode.get_output_details()["logits"]["shape"][-1])
+        self._causal = np.triu(
+            np.full((self.max_seq_len, self.max_seq_len), MASK_VALUE, np.float32), k=1
+        )
+        with _native_stderr_captured():  # the delegate announces itself here
+            for sig in self._sigs.values():
+                self._wrapper.AllocateTensors(sig.subgraph)
+        self._holder: str | None = None  # which signature's input tensors hold the cache
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is zeroed lazily on next use)."""
+        self._holder = None
+        self.pos = 0
+
+    def _view(self, sig: _Signature, name: str, output: bool = False) -> np.ndarray:
+        index = (sig.outputs if output else sig.inputs)[name]
+        return self._wrapper.tensor(self._wrapper, index, sig.subgraph)
+
+    def _take_cache(self, sig: _Signature) -> None:
+        """Move the cache into this signature's input tensors (once per switch of signature)."""
+        if self._holder is sig.key:
+            return
+        for name in self.cache_names:
+            dst = self._view(sig, name)
+            if self._holder is None:
+                dst.fill(0)
+            else:
+                dst[...] = self._view(self._sigs[self._holder], name)
+        self._holder = sig.key
+
+    def _run(self, key: str, tokens: list[int], pos: int) -> np.ndarray:
+        """One call at positions pos.. (tokens padded to the signature's length)."""
+        sig = self._sigs[key]
+        T, S = sig.length, self.max_seq_len
+        if pos + T > S:
+            raise AssertionError("caller must keep calls inside the cache")
+        self._take_cache(sig)
+        ids = self._view(sig, "tokens")
+        ids.fill(0)
+        ids[0, : len(tokens)] = tokens
+        self._view(sig, "input_pos")[:] = np.arange(pos, pos + T, dtype=np.int32)
+        self._view(sig, "mask")[0, 0] = self._causal[pos : pos + T]
+        self._wrapper.Invoke(sig.subgraph)
+        # Copy back only the rows this call wrote: the rest of each cache is unchanged.
+        n = len(tokens)
+        for name in self.cache_names:
+            new, old = self._view(sig, name, output=True), self._view(sig, name)
+            if name.startswith("kv_cache_k_"):
+                old[:, :, pos : pos + n, :] = new[:, :, pos : pos + n, :]
+            else:
+                old[:, :, :, pos : pos + n] = new[:, :, :, pos : pos + n]
+        return np.array(self._view(sig, "logits", output=True)[0, :n])
+
+    def prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed tokens at the current position; logits of the last (or every) position."""
+        if not tokens:
+            raise LlmToolError("nothing to prefill: the prompt is empty")
+        if self.pos + len(tokens) > self.max_seq_len:
+            raise LlmToolError(
+                f"{self.pos + len(tokens)} tokens exceed the graph's KV cache of {self.max_seq_len}"
+            )
+        outs = []
+        i = 0
+        while i < len(tokens):
+            rest = len(tokens) - i
+            key = self._pick(rest)
+            n = min(rest, self._sigs[key].length)
+            logits = self._run(key, tokens[i : i + n], self.pos)
+            if all_logits or i + n == len(tokens):
+                outs.append(logits if all_logits else logits[-1:])
+            self.pos += n
+            i += n
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1][0]
+
+    def _pick(self, rest: int) -> str:
+        """The cheapest signature for the next chunk that fits in the cache."""
+        for key in self.prefill_keys:
+            L = self._sigs[key].length
+            if self.pos + L <= self.max_seq_len and (rest >= L or L <= 4 * rest):
+                return key
+        return "decode"
+
+    def decode(self, token: int) -> np.ndarray:
+        if self.pos >= self.max_seq_len:
+            raise LlmToolError(f"the KV cache of {self.max_seq_len} tokens is full")
+        logits = self._run("decode", [token], self.pos)
+        self.pos += 1
+        return logits[0]

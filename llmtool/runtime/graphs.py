@@ -1,0 +1,59 @@
+"""Which graph `run` executes: a .tflite as given, or a container exported once into a cache.
+
+Containers (.bin) are exported on first use to `$LLMTOOL_CACHE_DIR` (default
+~/.cache/llmtool/graphs), keyed by the container's content hash and the export settings, so a
+changed file is never served a stale graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from llmtool import __version__
+from llmtool.errors import LlmToolError
+from llmtool.formats import metadata as keys
+from llmtool.formats.tflite_model import read_model
+from llmtool.tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model.bin"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLMTOOL_CACHE_DIR") or Path.home() / ".cache" / "llmtool"
+    return Path(root) / "graphs"
+
+
+def default_model_path() -> Path:
+    if not DEFAULT_MODEL.is_file():
+        raise LlmToolError("no --model given and the embedded default model is not installed")
+    return DEFAULT_MODEL
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path, Tokenizer]:
+    """The graph to run for a model file, exporting (and caching) containers as needed."""
+    from llmtool.export import ExportOptions, export_graph, is_graph
+
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if not path.is_file():
+        raise LlmToolError("model file not found", path)
+    model = read_model(path)
+    files = keys.unpack_tokenizer(model.metadata)
+    if not files:
+        raise LlmToolError("the model carries no tokenizer (was it written by llmtool?)", path)
+    tokenizer = Tokenizer.from_files(files)
+    if is_graph(model):
+        return path, tokenizer
+    options = ExportOptions(max_seq_len=max(max_tokens, 16))
+    key = hashlib.sha256(f"{file_digest(path)}|{options}|{__version__}".encode()).hexdigest()[:32]
+    graph = cache_dir() / f"{path.stem}-{key}.tflite"
+    if not graph.is_file():
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        export_graph(path, graph, options)
+    return graph, tokenizer

@@ -1,0 +1,246 @@
+"""LlmInference: the generation loop, streaming, listeners and the safety filter.
+
+Mirrors the reference LLM Inference API: `LlmInference.create_from_options(options)`, then
+`generate_response(prompt)` or `generate_response_async(prompt)` with a result listener.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtool.errors import LlmToolError
+from llmtool.runtime.engine import Engine
+from llmtool.runtime.graphs import resolve_graph
+from llmtool.runtime.sampler import Sampler
+from llmtool.tokenizer import Tokenizer
+
+ResultListener = Callable[[str, bool], None]
+ErrorListener = Callable[[Exception], None]
+
+
+@dataclass
+class LlmInferenceOptions:
+    """Options of the reference API (snake_case), plus a few desktop extras."""
+
+    model_path: str | None = None  # None: the embedded default model
+    max_tokens: int = 512  # input + output tokens
+    top_k: int = 40
+    temperature: float = 0.8
+    random_seed: int = 0
+    lora_path: str | None = None
+    result_listener: ResultListener | None = None
+    error_listener: ErrorListener | None = None
+    context_window: int | None = None  # prompt tokens kept; default max_tokens // 2
+    num_threads: int | None = None
+    safety_filter: list[str] = field(default_factory=list)  # refuse / stop on these words
+
+    def validate(self) -> None:
+        if self.max_tokens < 2:
+            raise LlmToolError(f"max tokens must be at least 2 (got {self.max_tokens})")
+        if self.top_k < 1:
+            raise LlmToolError(f"top-k must be at least 1 (got {self.top_k})")
+        if not (self.temperature >= 0):
+            raise LlmToolError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.context_window is not None and not 1 <= self.context_window < self.max_tokens:
+            raise LlmToolError(
+                f"context window must be between 1 and max tokens - 1 (got {self.context_window})"
+            )
+        if self.lora_path is not None:
+            raise LlmToolError("LoRA weights are not supported by this version yet", self.lora_path)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    stop_reason: str  # "stop_token" | "max_tokens" | "safety_filter"
+    prompt_truncated: int  # prompt tokens dropped to fit the context window
+    prefill_seconds: float
+    decode_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        n_prompt, n_out = len(self.prompt_token_ids), len(self.token_ids)
+        return {
+            "text": self.text,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "stop_reason": self.stop_reason,
+            "prompt_truncated": self.prompt_truncated,
+            "timings": {
+                "prefill_seconds": round(self.prefill_seconds, 4),
+                "decode_seconds": round(self.decode_seconds, 4),
+                "prefill_tokens_per_second": _rate(n_prompt, self.prefill_seconds),
+                "decode_tokens_per_second": _rate(max(n_out - 1, 0), self.decode_seconds),
+            },
+        }
+
+
+def _rate(n: int, seconds: float) -> float | None:
+    return round(n / seconds, 2) if seconds > 0 and n else None
+
+
+class SafetyFilter:
+    """Whole-word, case-insensitive match against a word list (the reference app's filter)."""
+
+    def __init__(self, words: list[str]):
+        words = [w.strip() for w in words if w.strip() and not w.strip().startswith("#")]
+        self.words = words
+        self._re = (
+            re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+            if words
+            else None
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SafetyFilter:
+        p = Path(path)
+        try:
+            return cls(p.read_text(encoding="utf-8").splitlines())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LlmToolError(f"cannot read word list ({exc})", p) from None
+
+    def find(self, text: str) -> re.Match[str] | None:
+        return self._re.search(text) if self._re else None
+
+
+class LlmInference:
+    """Generate text with a converted model on the LiteRT interpreter."""
+
+    def __init__(
+        self, options: LlmInferenceOptions, engine: Engine, tokenizer: Tokenizer, graph_path: Path
+    ):
+        self.options = options
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.graph_path = graph_path
+        self.safety = SafetyFilter(options.safety_filter)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create_from_options(cls, options: LlmInferenceOptions) -> LlmInference:
+        options.validate()
+        graph_path, tokenizer = resolve_graph(options.model_path, options.max_tokens)
+        engine = Engine(graph_path, options.num_threads)
+        if engine.max_seq_len < options.max_tokens:
+            raise LlmToolError(
+                f"max tokens {options.max_tokens} exceeds the graph's KV cache of "
+                f"{engine.max_seq_len}; export it with a larger --max-seq-len",
+                graph_path,
+            )
+        return cls(options, engine, tokenizer, graph_path)
+
+    @classmethod
+    def create_from_model_file(cls, model_path: str) -> LlmInference:
+        return cls.create_from_options(LlmInferenceOptions(model_path=model_path))
+
+    # -- the reference API --------------------------------------------------------------------
+
+    def generate_response(self, prompt: str) -> str:
+        return self.generate(prompt).text
+
+    def generate_response_async(self, prompt: str) -> Future[str]:
+        """Generate in a background thread, streaming to options.result_listener."""
+        future: Future[str] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.generate(prompt, listener=self.options.result_listener).text)
+            except Exception as exc:  # reported to the listener, not raised in the thread
+                if self.options.error_listener is not None:
+                    self.options.error_listener(exc)
+                future.set_exception(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        return future
+
+    def size_in_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position: shape (len(token_ids), vocab)."""
+        if not token_ids:
+            raise LlmToolError("logits() needs at least one token id")
+        if len(token_ids) > self.engine.max_seq_len:
+            raise LlmToolError(
+                f"{len(token_ids)} tokens exceed the graph's KV cache of {self.engine.max_seq_len}"
+            )
+        with self._lock:
+            self.engine.reset()
+            return self.engine.prefill(list(map(int, token_ids)), all_logits=True)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
+        """Prompt token ids cut to the context window, and how many were dropped."""
+        o = self.options
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise LlmToolError("the prompt is empty")
+        if len(ids) >= o.max_tokens:
+            raise LlmToolError(
+                f"the prompt has {len(ids)} tokens, more than max tokens {o.max_tokens} allows "
+                "(input + output)"
+            )
+        window = o.context_window or max(1, o.max_tokens // 2)
+        dropped = max(0, len(ids) - window)
+        if dropped:
+            keep_bos = ids[0] == self.tokenizer.bos_id and self.tokenizer.add_bos
+            head = ids[:1] if keep_bos else []
+            ids = head + ids[len(ids) - window + len(head) :]
+        return ids, dropped
+
+    def generate(self, prompt: str, listener: ResultListener | None = None) -> GenerationResult:
+        o = self.options
+        if self.safety.find(prompt):
+            word = self.safety.find(prompt).group(0)  # type: ignore[union-attr]
+            raise LlmToolError(f"the prompt was refused by the safety filter (contains {word!r})")
+        ids, dropped = self.prompt_ids(prompt)
+        sampler = Sampler(o.top_k, o.temperature, o.random_seed)
+        stops = set(self.tokenizer.stop_ids)
+        out: list[int] = []
+        text = ""
+        reason = "max_tokens"
+        with self._lock:
+            self.engine.reset()
+            t0 = time.perf_counter()
+            logits = self.engine.prefill(ids)
+            t1 = time.perf_counter()
+            stream = self.tokenizer.stream_decoder()
+            while len(ids) + len(out) < o.max_tokens:
+                token = sampler(logits)
+                if token in stops:
+                    reason = "stop_token"
+                    break
+                out.append(token)
+                piece = stream.push(token)
+                hit = self.safety.find(text + piece) if piece else None
+                if hit:
+                    text, reason = text[: max(hit.start(), 0)], "safety_filter"
+                    break
+                if piece:
+                    text += piece
+                    if listener:
+                        listener(piece, False)
+                if len(ids) + len(out) >= o.max_tokens:
+                    break
+                logits = self.engine.decode(token)
+            t2 = time.perf_counter()
+        if reason != "safety_filter":
+            tail = stream.flush()
+            if tail:
+                text += tail
+                if listener:
+                    listener(tail, False)
+        if listener:
+            listener("", True)
+        return GenerationResult(text, ids, out, reason, dropped, t1 - t0, t2 - t1)

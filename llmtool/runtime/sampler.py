@@ -1,0 +1,38 @@
+"""Next-token choice: greedy, or top-k with temperature from a seeded generator."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmtool.errors import LlmToolError
+
+
+class Sampler:
+    """Same seed + same logits sequence -> same tokens, on every run and machine."""
+
+    def __init__(self, top_k: int = 40, temperature: float = 0.8, seed: int = 0):
+        if top_k < 1:
+            raise LlmToolError(f"top-k must be at least 1 (got {top_k})")
+        if temperature < 0 or not np.isfinite(temperature):
+            raise LlmToolError(f"temperature must be >= 0 (got {temperature})")
+        self.top_k = int(top_k)
+        self.temperature = float(temperature)
+        self.rng = np.random.Generator(np.random.PCG64(int(seed) & (2**63 - 1)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0.0
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if self.greedy:
+            return int(np.argmax(logits))
+        k = min(self.top_k, logits.size)
+        top = np.argpartition(-logits, k - 1)[:k]
+        # Order by (logit desc, id asc) so ties never depend on argpartition's internals.
+        top = top[np.lexsort((top, -logits[top]))]
+        z = logits[top] / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        choice = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum(), side="right"))
+        return int(top[min(choice, k - 1)])

@@ -1,0 +1,290 @@
+"""`llmtool export` + `run`: our LiteRT graphs against transformers, every architecture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmtool import LlmInference, LlmInferenceOptions
+from llmtool.errors import LlmToolError
+from llmtool.export import ExportOptions, export_graph
+from llmtool.formats.tflite_model import read_model
+from tests.tiny_models import MODEL_TYPES, reference_greedy, reference_logits
+
+RNG = np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def graph(converted, tmp_path_factory):
+    """graph(model_type, quantization, prefill_len) -> exported .tflite (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(model_type: str, quantization: str = "float32", prefill_len: int = 8) -> Path:
+        key = (model_type, quantization, prefill_len)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("graphs") / f"{model_type}-{quantization}.tflite"
+            export_graph(
+                converted(model_type, quantization),
+                out,
+                ExportOptions(max_seq_len=64, prefill_len=prefill_len),
+            )
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def engine_for(path: Path, **options) -> LlmInference:
+    options = {"max_tokens": 64, "num_threads": 1, **options}
+    return LlmInference.create_from_options(LlmInferenceOptions(model_path=str(path), **options))
+
+
+def random_ids(n: int, vocab: int = 300) -> list[int]:
+    return [int(x) for x in RNG.integers(3, vocab, size=n)]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_float32_logits_match_transformers(model_type, tiny_model, graph):
+    folder = tiny_model(model_type)
+    llm = engine_for(graph(model_type))
+    ids = random_ids(21)  # spans prefill chunks of 8 and a padded remainder
+    ours = llm.logits(ids)
+    ref = reference_logits(folder, ids)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, f"{model_type}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_tokens_match_transformers(model_type, tiny_model, graph):
+    folder = tiny_model(model_type)
+    llm = engine_for(graph(model_type), top_k=1)
+    prompt = random_ids(5)
+    expected = reference_greedy(folder, prompt, new_tokens=12)
+    # Drive the engine directly so stop tokens don't cut the comparison short.
+    llm.engine.reset()
+    logits = llm.engine.prefill(prompt)
+    ours = []
+    for _ in range(12):
+        token = int(np.argmax(logits))
+        ours.append(token)
+        logits = llm.engine.decode(token)
+    assert ours == expected
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
+
+
+@pytest.mark.parametrize("model_type", ["GEMMA_2B", "PHI_2", "LLAMA", "GPT2"])
+def test_quantized_logits_close_to_float(model_type, graph, record_property):
+    ids = random_ids(16)
+    ref = engine_for(graph(model_type)).logits(ids)
+    for quantization, limit in (("int8", 0.02), ("int4", 0.25)):
+        ours = engine_for(graph(model_type, quantization)).logits(ids)
+        divergence = kl(ref, ours)
+        record_property(f"kl_{quantization}", divergence)
+        print(f"{model_type} {quantization}: KL(float || quantized) = {divergence:.5f}")
+        assert np.isfinite(ours).all()
+        assert divergence < limit, f"{model_type} {quantization}: KL {divergence}"
+
+
+def test_graph_signatures_follow_the_convention(graph):
+    model = read_model(graph("GEMMA_2B"))
+    keys = {s.key: s for s in model.signatures}
+    assert set(keys) == {"prefill_8", "decode"}
+    decode = keys["decode"]
+    assert {"tokens", "input_pos", "mask", "kv_cache_k_0", "kv_cache_v_0"} <= set(decode.inputs)
+    assert {"logits", "kv_cache_k_0", "kv_cache_v_0"} <= set(decode.outputs)
+    sub = model.subgraphs[decode.subgraph_index]
+    k = sub.tensors[decode.inputs["kv_cache_k_0"]].shape
+    v = sub.tensors[decode.inputs["kv_cache_v_0"]].shape
+    assert k[2] == 64 and v[3] == 64 and k[3] == v[2]  # K [1,H,S,D], V [1,H,D,S]
+
+
+def test_generation_is_seeded_and_streams(graph):
+    path = graph("LLAMA")
+    texts = [engine_for(path, random_seed=7).generate_response("the cat") for _ in range(2)]
+    assert texts[0] == texts[1]
+    pieces: list[tuple[str, bool]] = []
+    done = threading.Event()
+    errors: list[Exception] = []
+
+    def listener(text: str, finished: bool) -> None:
+        pieces.append((text, finished))
+        if finished:
+            done.set()
+
+    llm = engine_for(path, random_seed=7, result_listener=listener, error_listener=errors.append)
+    future = llm.generate_response_async("the cat")
+    assert future.result(timeout=60) == texts[0]
+    assert done.wait(5) and not errors
+    assert "".join(p for p, _ in pieces) == texts[0]
+    assert pieces[-1][1] is True and all(not f for _, f in pieces[:-1])
+
+
+def test_async_errors_reach_the_error_listener(graph):
+    errors: list[Exception] = []
+    llm = engine_for(graph("LLAMA"), error_listener=errors.append)
+    future = llm.generate_response_async("word " * 200)  # longer than max tokens
+    with pytest.raises(LlmToolError):
+        future.result(timeout=60)
+    assert errors and isinstance(errors[0], LlmToolError)
+
+
+def test_stop_token_ends_generation(graph):
+    llm = engine_for(graph("GPT2"), top_k=1)
+    eos = llm.tokenizer.eos_id
+    result = llm.generate("hello")
+    if result.stop_reason == "stop_token":
+        assert eos not in result.token_ids
+    # Force the model to stop: a stop id is any id in stop_ids.
+    first = result.token_ids[0] if result.token_ids else None
+    if first is not None:
+        llm.tokenizer.stop_ids = [first]
+        stopped = llm.generate("hello")
+        assert stopped.stop_reason == "stop_token" and stopped.token_ids == []
+
+
+def test_size_in_tokens_and_context_window(graph):
+    llm = engine_for(graph("GEMMA_2B"), context_window=6)
+    n = llm.size_in_tokens("one two three four five six seven eight nine ten")
+    assert n > 6
+    result = llm.generate("one two three four five six seven eight nine ten")
+    assert len(result.prompt_token_ids) == 6 and result.prompt_truncated == n - 6
+    assert result.prompt_token_ids[0] == llm.tokenizer.bos_id
+
+
+def test_safety_filter(graph, tmp_path):
+    llm = engine_for(graph("LLAMA"), safety_filter=["badword"])
+    with pytest.raises(LlmToolError, match="safety filter"):
+        llm.generate("this has a BadWord in it")
+    first = engine_for(graph("LLAMA"), top_k=1).generate("the cat")
+    words = first.text.split()
+    if words:
+        word = words[len(words) // 2].strip(".,;:!?\"'")
+        if word.isalnum():
+            out = engine_for(graph("LLAMA"), top_k=1, safety_filter=[word]).generate("the cat")
+            assert out.stop_reason == "safety_filter"
+            assert word.lower() not in out.text.lower().split()
+
+
+# ------------------------------------------------------------------------------------------
+# The command line
+
+
+def llmtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmtool", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=stdin,
+    )
+
+
+def test_cli_run_container_json(converted, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    model = converted("GEMMA_2B", "int8")
+    args = [
+        "run",
+        "--model",
+        str(model),
+        "--prompt",
+        "the cat",
+        "--max-tokens",
+        "32",
+        "--random-seed",
+        "3",
+        "--num-threads",
+        "1",
+        "--json",
+    ]
+    r = llmtool(*args)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["prompt_token_ids"] and data["token_ids"]
+    assert len(data["prompt_token_ids"]) + len(data["token_ids"]) <= 32
+    assert data["timings"]["decode_seconds"] >= 0
+    cached = list((tmp_path / "cache" / "graphs").glob("*.tflite"))
+    assert len(cached) == 1
+    again = llmtool(*args)  # served from the cache, same text
+    assert json.loads(again.stdout)["text"] == data["text"]
+    assert list((tmp_path / "cache" / "graphs").glob("*.tflite")) == cached
+
+
+def test_cli_export_then_run_streams(converted, tmp_path):
+    graph_path = tmp_path / "m.tflite"
+    r = llmtool(
+        "export",
+        str(converted("PHI_2")),
+        "-o",
+        str(graph_path),
+        "--max-seq-len",
+        "48",
+        "--prefill-len",
+        "8",
+    )
+    assert r.returncode == 0, r.stderr
+    r = llmtool(
+        "run",
+        "--model",
+        str(graph_path),
+        "--prompt",
+        "-",
+        "--max-tokens",
+        "40",
+        "--top-k",
+        "1",
+        stdin="the cat",
+    )
+    assert r.returncode == 0, r.stderr
+    greedy = engine_for(graph_path, top_k=1, max_tokens=40).generate_response("the cat")
+    assert r.stdout == greedy + "\n"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--max-tokens", "0"], "max tokens"),
+        (["--top-k", "-1"], "top-k"),
+        (["--temperature", "-0.5"], "temperature"),
+        (["--max-tokens", "4"], "prompt has"),
+    ],
+)
+def test_cli_run_bad_options(args, needle, converted, tmp_path):
+    graph_path = tmp_path / "g.tflite"
+    export_graph(converted("LLAMA"), graph_path, ExportOptions(max_seq_len=64, prefill_len=8))
+    r = llmtool(
+        "run",
+        "--model",
+        str(graph_path),
+        "--prompt",
+        "a prompt that is long enough to overflow four tokens",
+        *args,
+    )
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_cli_run_bad_model_files(tmp_path):
+    missing = llmtool("run", "--model", str(tmp_path / "none.bin"), "--prompt", "x")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model at all" * 100)
+    corrupt = llmtool("run", "--model", str(junk), "--prompt", "x")
+    for r in (missing, corrupt):
+        assert r.returncode == 2
+        assert "Traceback" not in r.stderr
+        assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1
