@@ -7,9 +7,11 @@ unpickling) and memory-mapped where the file format allows it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,6 @@ class Checkpoint:
         self.format = ckpt_format
         self.directory = files[0].parent
         self._meta: dict[str, TensorMeta] = {}
-        self._handles: dict[Path, Any] = {}
         for f in files:
             self._index(f)
 
@@ -100,26 +101,30 @@ class Checkpoint:
     # -- indexing ---------------------------------------------------------------------------
 
     def _index(self, path: Path) -> None:
-        if self.format == "safetensors":
-            from safetensors import safe_open
+        for name, shape, dtype in self._read_index(path):
+            self._add(name, shape, dtype, path)
 
+    def _read_index(self, path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+        if self.format == "safetensors":
             self._check_safetensors_size(path)
             try:
-                handle = safe_open(str(path), framework="pt")
-                names = list(handle.keys())
-                for name in names:
-                    sl = handle.get_slice(name)
-                    self._add(name, tuple(sl.get_shape()), _st_dtype(sl.get_dtype()), path)
+                with _open_safetensors(path) as handle:
+                    return [
+                        (
+                            n,
+                            tuple(handle.get_slice(n).get_shape()),
+                            _st_dtype(handle.get_slice(n).get_dtype()),
+                        )
+                        for n in handle.keys()
+                    ]
             except Exception as exc:  # safetensors raises its own error types
                 raise LlmToolError(f"cannot read safetensors file ({_short(exc)})", path) from None
-            self._handles[path] = handle
-        else:
-            state = _torch_load(path)
-            for name, tensor in state.items():
-                if not hasattr(tensor, "shape"):
-                    continue
-                self._add(name, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), path)
-            self._handles[path] = state
+        state = _torch_load(path)
+        return [
+            (n, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            for n, t in state.items()
+            if hasattr(t, "shape")
+        ]
 
     def _check_safetensors_size(self, path: Path) -> None:
         """safetensors maps lazily: catch a truncated file now rather than mid-conversion."""
@@ -159,16 +164,21 @@ class Checkpoint:
         return self._meta[name]
 
     def load(self, name: str) -> np.ndarray:
-        """The tensor as a float32 numpy array (bf16/f16 widened)."""
+        """The tensor as a float32 numpy array (bf16/f16 widened).
+
+        The file is opened for each tensor: both readers memory-map it, and a mapping kept
+        open would keep every page already read counted in this process's memory.
+        """
         import torch
 
         meta = self._meta[name]
-        handle = self._handles[meta.file]
         try:
-            tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
-            if tensor.dtype != torch.float32:
-                tensor = tensor.to(torch.float32)
-            return tensor.numpy()
+            if self.format == "safetensors":
+                with _open_safetensors(meta.file) as handle:
+                    tensor = handle.get_tensor(name)
+            else:
+                tensor = _torch_load(meta.file)[name]
+            return tensor.to(torch.float32).numpy()
         except LlmToolError:
             raise
         except Exception as exc:
@@ -193,6 +203,17 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LlmToolError("expected a JSON object", path)
     return data
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")
+    try:
+        yield handle
+    finally:
+        del handle
 
 
 def _st_dtype(name: str) -> str:

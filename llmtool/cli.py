@@ -194,13 +194,20 @@ def convert(
 @app.command()
 @friendly_errors
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A converted model (.bin) or LoRA file.")],
+    file: Annotated[
+        Path | None, typer.Argument(help="A converted model (.bin) or LoRA file.")
+    ] = None,
+    default: Annotated[
+        bool, typer.Option("--default", help="Inspect the embedded default model.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show what a converted model holds: type, backend, parameters, tokenizer, tensors."""
-    from llmtool.pipelines.inspect import describe
+    from llmtool.pipelines.inspect import describe, describe_default
 
-    info = describe(file)
+    if file is None and not default:
+        raise LlmToolError("give a model file, or --default for the embedded model")
+    info = describe_default() if default else describe(file)
     if json_out:
         print_json(info)
         return
@@ -219,6 +226,30 @@ def inspect(
     for t in info["tensors"]:
         table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], str(t["bytes"]))
     out.print(table)
+
+
+@app.command()
+@friendly_errors
+def models(json_out: JsonOpt = False) -> None:
+    """Where the embedded default model is and what it is (used when --model is omitted)."""
+    from llmtool.pipelines.inspect import describe_default
+
+    info = describe_default()
+    info.pop("tensors")
+    if json_out:
+        print_json(info)
+        return
+    card = info.get("card") or {}
+    out.print(f"[bold]default model[/]  {info['file']}", highlight=False)
+    out.print(
+        f"  {info['model_type']}, {info['parameters']:,} parameters, "
+        f"{human_bytes(info['file_bytes'])}, weights {info['quant_bits']}",
+        highlight=False,
+    )
+    for key in ("summary", "corpus", "license", "heldout_perplexity", "model_card"):
+        if card.get(key) is not None:
+            out.print(f"  {key}: {card[key]}", highlight=False)
+    out.print(f"  sha256: {info['sha256']}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,6 +349,40 @@ def run(
         sys.stdout.write(result.text + "\n")
     if result.stop_reason == "safety_filter":
         err.print("[yellow]output stopped by the safety filter[/]")
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    text: Annotated[Path, typer.Option(help="UTF-8 text file to score (held-out data).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Converted model or graph; default: the embedded model."),
+    ] = None,
+    window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
+    max_windows: Annotated[int | None, typer.Option(help="Score at most this many.")] = None,
+    num_threads: Annotated[int | None, typer.Option(help="Interpreter threads.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity of a model on a text, computed with the LiteRT runtime."""
+    from llmtool.pipelines.evaluate import evaluate as run_evaluate
+
+    with ProgressBar("evaluating", enabled=not json_out) as bar:
+        result = run_evaluate(
+            str(model) if model else None, text, window, max_windows, num_threads, bar
+        )
+    if json_out:
+        print_json(result)
+        return
+    out.print(
+        f"perplexity {result['perplexity']:.3f} over {result['tokens_scored']} tokens "
+        f"({result['windows']} windows of {result['window']})",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -26,8 +26,15 @@ SIDE_FILES = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # Named special tokens that transformers registers as special added tokens.
-_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                   "mask_token")
+_NAMED_SPECIALS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
@@ -69,7 +76,7 @@ def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
         where = locations.get(err.path or "", p)
         message = str(err)
         if err.path and message.startswith(f"{err.path}: "):
-            message = message[len(err.path) + 2:]
+            message = message[len(err.path) + 2 :]
         raise LlmToolError(message, path=where) from None
     return files
 
@@ -168,8 +175,9 @@ class Tokenizer:
         tok._init_stop_ids(generation)
         return tok
 
-    def _init_sentencepiece(self, data: bytes, config: dict[str, Any],
-                            special_map: dict[str, Any]) -> None:
+    def _init_sentencepiece(
+        self, data: bytes, config: dict[str, Any], special_map: dict[str, Any]
+    ) -> None:
         import sentencepiece
 
         if not data:
@@ -232,10 +240,16 @@ class Tokenizer:
             if not content or hf.token_to_id(content) is None:
                 continue
             opts = entry if isinstance(entry, dict) else {}
-            to_add.append(tokenizers.AddedToken(
-                content, single_word=bool(opts.get("single_word", False)),
-                lstrip=bool(opts.get("lstrip", False)), rstrip=bool(opts.get("rstrip", False)),
-                normalized=bool(opts.get("normalized", not special)), special=special))
+            to_add.append(
+                tokenizers.AddedToken(
+                    content,
+                    single_word=bool(opts.get("single_word", False)),
+                    lstrip=bool(opts.get("lstrip", False)),
+                    rstrip=bool(opts.get("rstrip", False)),
+                    normalized=bool(opts.get("normalized", not special)),
+                    special=special,
+                )
+            )
         known = hf.get_added_tokens_decoder()
         known_contents = {t.content for t in known.values()}
         new = [t for t in to_add if t.content not in known_contents]
@@ -244,8 +258,7 @@ class Tokenizer:
             hf.add_special_tokens([t for t in new if t.special])
         added = hf.get_added_tokens_decoder()
         self._special_ids = {i for i, t in added.items() if t.special}
-        self.vocab_size = max([hf.get_vocab_size(with_added_tokens=True)]
-                              + [i + 1 for i in added])
+        self.vocab_size = max([hf.get_vocab_size(with_added_tokens=True)] + [i + 1 for i in added])
 
         # What the post-processor adds around a single sequence.
         probe = "Hello world"
@@ -253,18 +266,21 @@ class Tokenizer:
         full = hf.encode(probe, add_special_tokens=True).ids
         prefix, suffix = _split_around(full, plain)
 
-        self.bos_id = self._resolve_id("bos_token", config, special_map,
-                                       prefix[0] if len(prefix) == 1 else -1)
-        self.eos_id = self._resolve_id("eos_token", config, special_map,
-                                       suffix[-1] if len(suffix) == 1 else -1)
+        self.bos_id = self._resolve_id(
+            "bos_token", config, special_map, prefix[0] if len(prefix) == 1 else -1
+        )
+        self.eos_id = self._resolve_id(
+            "eos_token", config, special_map, suffix[-1] if len(suffix) == 1 else -1
+        )
         # transformers 5 ignores add_bos_token/add_eos_token from tokenizer_config.json when a
         # tokenizer.json exists: its post-processor alone decides what encode() adds.
         self.add_bos, self.add_eos = bool(prefix), bool(suffix)
         self._prefix = prefix or ([self.bos_id] if self.bos_id is not None else [])
         self._suffix = suffix or ([self.eos_id] if self.eos_id is not None else [])
 
-    def _resolve_id(self, name: str, config: dict[str, Any], special_map: dict[str, Any],
-                    fallback: int) -> int | None:
+    def _resolve_id(
+        self, name: str, config: dict[str, Any], special_map: dict[str, Any], fallback: int
+    ) -> int | None:
         content = _named_token(name, config, special_map)
         if content is not None:
             # A named token missing from the vocabulary would get a new id past the model's
@@ -277,16 +293,23 @@ class Tokenizer:
         value = generation.get("eos_token_id")
         values = value if isinstance(value, list) else [] if value is None else [value]
         for item in values:
-            if isinstance(item, bool) or not isinstance(item, int) or not (
-                    0 <= item < self.vocab_size):
-                raise LlmToolError(f"eos_token_id {item!r} is not a token id of this tokenizer "
-                                   f"(vocab size {self.vocab_size})", path=GENERATION_FILE)
+            if (
+                isinstance(item, bool)
+                or not isinstance(item, int)
+                or not (0 <= item < self.vocab_size)
+            ):
+                raise LlmToolError(
+                    f"eos_token_id {item!r} is not a token id of this tokenizer "
+                    f"(vocab size {self.vocab_size})",
+                    path=GENERATION_FILE,
+                )
             stops.add(item)
         self.stop_ids = sorted(stops)
 
     # ------------------------------------------------------------------- use
-    def encode(self, text: str, add_bos: bool | None = None,
-               add_eos: bool | None = None) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, add_eos: bool | None = None
+    ) -> list[int]:
         """Token ids of `text`; BOS/EOS follow the tokenizer's defaults unless given."""
         if self._hf is not None:
             ids = list(self._hf.encode(text, add_special_tokens=False).ids)
@@ -305,7 +328,7 @@ class Tokenizer:
         pos = 0
         for match in self._split_re.finditer(text):
             if match.start() > pos:
-                ids.extend(self._sp.encode(text[pos:match.start()]))
+                ids.extend(self._sp.encode(text[pos : match.start()]))
             ids.append(self._split_ids[match.group()])
             pos = match.end()
         if pos < len(text):
@@ -360,8 +383,9 @@ class Tokenizer:
         return token_id in self._special_ids
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        return StreamDecoder(lambda ids: self.decode(ids, skip_special=skip_special),
-                             self._unsettled_byte_ids())
+        return StreamDecoder(
+            lambda ids: self.decode(ids, skip_special=skip_special), self._unsettled_byte_ids()
+        )
 
     def _unsettled_byte_ids(self) -> frozenset[int]:
         """Byte-fallback ids whose text can still change as more bytes follow.
@@ -374,8 +398,11 @@ class Tokenizer:
         if self._byte_ids is None:
             ids: set[int] = set()
             if self._hf is not None and getattr(self._hf.model, "byte_fallback", False):
-                ids = {i for token, i in self._hf.get_vocab(with_added_tokens=False).items()
-                       if _BYTE_PIECE.fullmatch(token)}
+                ids = {
+                    i
+                    for token, i in self._hf.get_vocab(with_added_tokens=False).items()
+                    if _BYTE_PIECE.fullmatch(token)
+                }
             self._byte_ids = frozenset(ids)
         return self._byte_ids
 
@@ -408,8 +435,8 @@ def _split_around(full: list[int], plain: list[int]) -> tuple[list[int], list[in
     """(prefix, suffix) with full == prefix + plain + suffix (empty if no such split)."""
     n = len(plain)
     for start in range(len(full) - n + 1):
-        if full[start:start + n] == plain:
-            return full[:start], full[start + n:]
+        if full[start : start + n] == plain:
+            return full[:start], full[start + n :]
     return [], []
 
 
@@ -423,8 +450,9 @@ class StreamDecoder:
     == decode(all ids). Cost is one decode of the sequence per push.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str],
-                 unsettled_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self, decode: Callable[[list[int]], str], unsettled_ids: frozenset[int] = frozenset()
+    ):
         self._decode = decode
         self._unsettled = unsettled_ids
         self._ids: list[int] = []
@@ -445,14 +473,14 @@ class StreamDecoder:
         settled = text.rstrip("\ufffd")
         if len(settled) <= len(self._emitted) or not settled.startswith(self._emitted):
             return ""
-        new = settled[len(self._emitted):]
+        new = settled[len(self._emitted) :]
         self._emitted = settled
         return new
 
     def flush(self) -> str:
         """The held-back rest; the decoder then starts a new, empty sequence."""
         text = self._decode(self._ids)
-        rest = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        rest = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
         self._ids = []
         self._emitted = ""
         return rest

@@ -90,8 +90,7 @@ class ContainerWriter:
             seen.add(e.name)
             if e.dtype in _BITS and (not e.shape or not 0 <= e.axis < len(e.shape)):
                 raise LlmToolError(
-                    f"tensor {e.name!r}: cannot quantize shape {list(e.shape)} along axis "
-                    f"{e.axis}",
+                    f"tensor {e.name!r}: cannot quantize shape {list(e.shape)} along axis {e.axis}",
                     self.path,
                 )
 
@@ -142,8 +141,10 @@ class ContainerWriter:
         where = f"tensor {entry.name!r} (planned {entry.dtype}{list(entry.shape)})"
         if entry.dtype in _FLOAT_NUMPY:
             if isinstance(value, QuantizedTensor) or not isinstance(value, np.ndarray):
-                raise LlmToolError(f"{where}: expected a {entry.dtype} array, got "
-                                   f"{type(value).__name__}", self.path)
+                raise LlmToolError(
+                    f"{where}: expected a {entry.dtype} array, got {type(value).__name__}",
+                    self.path,
+                )
             if value.dtype != _FLOAT_NUMPY[entry.dtype]:
                 raise LlmToolError(f"{where}: got dtype {value.dtype}", self.path)
             if tuple(value.shape) != entry.shape:
@@ -159,8 +160,9 @@ class ContainerWriter:
         if tuple(value.shape) != entry.shape:
             raise LlmToolError(f"{where}: got shape {list(value.shape)}", self.path)
         if value.axis % len(entry.shape) != entry.axis:
-            raise LlmToolError(f"{where}: quantized along axis {value.axis}, planned "
-                               f"{entry.axis}", self.path)
+            raise LlmToolError(
+                f"{where}: quantized along axis {value.axis}, planned {entry.axis}", self.path
+            )
         want_shape = entry.shape if bits == 8 else packed_shape(entry.shape)
         want_dtype = np.int8 if bits == 8 else np.uint8
         data = np.asarray(value.data)

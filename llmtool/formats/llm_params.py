@@ -17,20 +17,30 @@ from llmtool.errors import LlmToolError
 
 _PKG = "odml.infra.proto"
 _F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {"int32": _F.TYPE_INT32, "string": _F.TYPE_STRING, "bool": _F.TYPE_BOOL,
-            "float": _F.TYPE_FLOAT}
+_SCALARS = {
+    "int32": _F.TYPE_INT32,
+    "string": _F.TYPE_STRING,
+    "bool": _F.TYPE_BOOL,
+    "float": _F.TYPE_FLOAT,
+}
 _TP = "TransformerParameters"
 
 # enum name -> values, in declaration order
 _ENUMS: dict[str, list[str]] = {
     "LlmParameters.InputOutputNormalization": [
-        "INPUT_OUTPUT_NORMALIZATION_UNKNOWN", "INPUT_OUTPUT_NORMALIZATION_BYTES_TO_UNICODE"],
+        "INPUT_OUTPUT_NORMALIZATION_UNKNOWN",
+        "INPUT_OUTPUT_NORMALIZATION_BYTES_TO_UNICODE",
+    ],
     f"{_TP}.AttentionMaskType": ["UNSPECIFIED", "CAUSAL", "PREFIX", "BIDIRECTIONAL"],
     f"{_TP}.Activation": ["ACTIVATION_UNSPECIFIED", "GELU", "SILU", "RELU", "RELU1P5"],
     f"{_TP}.Norm": ["NORM_UNSPECIFIED", "NO_NORM", "RMS_NORM", "LAYER_NORM"],
     f"{_TP}.AttentionScaleType": [
-        "SCALE_TYPE_UNSPECIFIED", "SCALE_TYPE_PER_DIM_SCALE", "SCALE_TYPE_INV_SQRT_HEAD_DIM",
-        "SCALE_TYPE_INV_SQRT_D_MODEL_DIV_NUM_HEADS", "SCALE_TYPE_RESCALE_FACTOR_INV_HEAD_DIM"],
+        "SCALE_TYPE_UNSPECIFIED",
+        "SCALE_TYPE_PER_DIM_SCALE",
+        "SCALE_TYPE_INV_SQRT_HEAD_DIM",
+        "SCALE_TYPE_INV_SQRT_D_MODEL_DIV_NUM_HEADS",
+        "SCALE_TYPE_RESCALE_FACTOR_INV_HEAD_DIM",
+    ],
     f"{_TP}.WhereToInterleave": ["INTERLEAVE_UNSPECIFIED", "ALL", "EVERY_OTHER_4"],
 }
 
@@ -46,14 +56,28 @@ _MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
         ("input_output_normalizations", 7, "LlmParameters.InputOutputNormalization", "repeated"),
         ("prompt_template", 8, "PromptTemplate", ""),
         ("num_draft_tokens", 9, "int32", "optional"),
-        *((f"{role}_role_token", n, "string", "optional")
-          for role, n in (("user", 11), ("system", 12), ("model", 13), ("end", 14))),
+        *(
+            (f"{role}_role_token", n, "string", "optional")
+            for role, n in (("user", 11), ("system", 12), ("model", 13), ("end", 14))
+        ),
         ("submodel_transformer_parameters", 16, _TP, "optional"),
     ],
     _TP: [
-        *((name, n, "int32", "") for n, name in enumerate(
-            ["batch_size", "max_seq_length", "embedding_dim", "hidden_dimension",
-             "head_dimension", "num_heads", "num_stacks"], start=1)),
+        *(
+            (name, n, "int32", "")
+            for n, name in enumerate(
+                [
+                    "batch_size",
+                    "max_seq_length",
+                    "embedding_dim",
+                    "hidden_dimension",
+                    "head_dimension",
+                    "num_heads",
+                    "num_stacks",
+                ],
+                start=1,
+            )
+        ),
         ("num_kv_heads", 9, "int32", ""),
         ("feed_forward_parameters", 11, f"{_TP}.FeedForwardParameters", ""),
         ("final_project_parameters", 12, f"{_TP}.FinalProjectParameters", ""),
@@ -72,20 +96,30 @@ _MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
         ("audio_input_embedding_dim", 31, "int32", ""),
     ],
     f"{_TP}.FeedForwardParameters": [
-        ("no_bias", 1, "bool", ""), ("activation", 2, f"{_TP}.Activation", ""),
-        ("pre_norm", 3, f"{_TP}.Norm", ""), ("post_norm", 4, f"{_TP}.Norm", "")],
+        ("no_bias", 1, "bool", ""),
+        ("activation", 2, f"{_TP}.Activation", ""),
+        ("pre_norm", 3, f"{_TP}.Norm", ""),
+        ("post_norm", 4, f"{_TP}.Norm", ""),
+    ],
     f"{_TP}.FinalProjectParameters": [
-        ("no_bias", 1, "bool", ""), ("soft_cap_value", 2, "float", "")],
+        ("no_bias", 1, "bool", ""),
+        ("soft_cap_value", 2, "float", ""),
+    ],
     f"{_TP}.SelfAttentionParameters": [
-        ("qkv_no_bias", 1, "bool", ""), ("post_proj_no_bias", 2, "bool", ""),
+        ("qkv_no_bias", 1, "bool", ""),
+        ("post_proj_no_bias", 2, "bool", ""),
         ("attention_mask_type", 3, f"{_TP}.AttentionMaskType", ""),
         ("soft_cap_value", 4, "float", ""),
-        ("attention_scale_type", 5, f"{_TP}.AttentionScaleType", "optional")],
+        ("attention_scale_type", 5, f"{_TP}.AttentionScaleType", "optional"),
+    ],
     f"{_TP}.ResidualAdapterParameters": [
         ("where_to_interleave", 1, f"{_TP}.WhereToInterleave", ""),
-        ("bottleneck_dimension", 2, "int32", "")],
-    "PromptTemplate": [(name, n, "string", "") for n, name in enumerate(
-        ["session_prefix", "prompt_prefix", "prompt_suffix"], start=1)],
+        ("bottleneck_dimension", 2, "int32", ""),
+    ],
+    "PromptTemplate": [
+        (name, n, "string", "")
+        for n, name in enumerate(["session_prefix", "prompt_prefix", "prompt_suffix"], start=1)
+    ],
 }
 
 
@@ -120,7 +154,8 @@ def _fill_message(msg: descriptor_pb2.DescriptorProto, path: str) -> None:
 
 def _build() -> descriptor_pool.DescriptorPool:
     file = descriptor_pb2.FileDescriptorProto(
-        name="llmtool/odml_llm_params.proto", package=_PKG, syntax="proto3")
+        name="llmtool/odml_llm_params.proto", package=_PKG, syntax="proto3"
+    )
     for top in ("LlmParameters", _TP, "PromptTemplate"):
         _fill_message(file.message_type.add(name=top), top)
     pool = descriptor_pool.DescriptorPool()  # our own pool: no clash with an installed mediapipe

@@ -50,13 +50,27 @@ _TYPE_CODES: dict[str, int] = {k.lower(): v for k, v in _public(schema.TensorTyp
 _TYPE_NAMES: dict[int, str] = {v: k for k, v in _TYPE_CODES.items()}
 # numpy dtype of the stored bytes (sub-byte types are stored packed as uint8)
 _NUMPY: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8"),
-    "int8": np.dtype("i1"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"), "uint8": np.dtype("u1"), "uint16": np.dtype("<u2"),
-    "uint32": np.dtype("<u4"), "uint64": np.dtype("<u8"), "bool": np.dtype("?"),
-    "complex64": np.dtype("<c8"), "complex128": np.dtype("<c16"), "bfloat16": np.dtype("<u2"),
-    "int4": np.dtype("u1"), "uint4": np.dtype("u1"), "int2": np.dtype("u1"),
-    "string": np.dtype("u1"), "float8_e4m3fn": np.dtype("u1"), "float8_e5m2": np.dtype("u1"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+    "int8": np.dtype("i1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "bool": np.dtype("?"),
+    "complex64": np.dtype("<c8"),
+    "complex128": np.dtype("<c16"),
+    "bfloat16": np.dtype("<u2"),
+    "int4": np.dtype("u1"),
+    "uint4": np.dtype("u1"),
+    "int2": np.dtype("u1"),
+    "string": np.dtype("u1"),
+    "float8_e4m3fn": np.dtype("u1"),
+    "float8_e5m2": np.dtype("u1"),
 }
 _SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "int2": 2}
 
@@ -373,8 +387,9 @@ class ModelWriter:
                     if t.dtype in _SUB_BYTE_BITS:
                         # TFLite kernels read sub-byte tensors packed over the flattened
                         # tensor; packing per row (odd last dim) is only fine for storage.
-                        flat = -(-int(np.prod(t.shape, dtype=np.int64)) * _SUB_BYTE_BITS[
-                            t.dtype] // 8)
+                        flat = -(
+                            -int(np.prod(t.shape, dtype=np.int64)) * _SUB_BYTE_BITS[t.dtype] // 8
+                        )
                         if have == flat or (have == want and not sg.operators):
                             want = have
                         else:
@@ -813,4 +828,3 @@ def _subgraph_from(sg: Any, opcodes: list[tuple[int, int, str | None]]) -> Subgr
         outputs=[int(i) for i in (sg.outputs if sg.outputs is not None else [])],
         operators=operators,
     )
-

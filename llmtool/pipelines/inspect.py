@@ -15,6 +15,20 @@ from llmtool.formats.llm_params import decode_llm_parameters
 from llmtool.tokenizer import Tokenizer
 
 
+DEFAULT_CARD = Path(__file__).resolve().parent.parent / "data" / "default_model.json"
+
+
+def describe_default() -> dict[str, Any]:
+    """The embedded default model: where it is, what it is, and its model card facts."""
+    from llmtool.runtime.graphs import default_model_path, file_digest
+
+    path = default_model_path()
+    info = describe(path)
+    info["sha256"] = file_digest(path)
+    info["card"] = json.loads(DEFAULT_CARD.read_text()) if DEFAULT_CARD.is_file() else None
+    return info
+
+
 def describe(path: Path) -> dict[str, Any]:
     with Container.open(path) as c:
         meta = c.metadata

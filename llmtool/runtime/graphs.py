@@ -27,7 +27,9 @@ def cache_dir() -> Path:
 
 def default_model_path() -> Path:
     if not DEFAULT_MODEL.is_file():
-        raise LlmToolError("no --model given and the embedded default model is not installed")
+        raise LlmToolError(
+            "the embedded default model is not installed (pass --model FILE)", DEFAULT_MODEL
+        )
     return DEFAULT_MODEL
 
 
