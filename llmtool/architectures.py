@@ -292,14 +292,13 @@ GPT2_RULES = _rules(
 
 
 def cfg_get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    """First present key, also looking inside `rope_parameters` / `rope_scaling` (transformers 5)."""
+    """First present key, also looking inside transformers 5's `rope_parameters`."""
     for key in keys:
         if config.get(key) is not None:
             return config[key]
-        for nested in ("rope_parameters",):
-            inner = config.get(nested)
-            if isinstance(inner, dict) and inner.get(key) is not None:
-                return inner[key]
+        inner = config.get("rope_parameters")
+        if isinstance(inner, dict) and inner.get(key) is not None:
+            return inner[key]
     return default
 
 

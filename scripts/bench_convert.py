@@ -182,7 +182,8 @@ def main() -> None:
         "checkpoint_gb": round(size_gb, 3),
         "shape": SHAPE,
         "repeat": args.repeat,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         "load_average": os.getloadavg(),
         "results": results,
     }

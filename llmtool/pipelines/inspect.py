@@ -14,7 +14,6 @@ from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
 from llmtool.tokenizer import Tokenizer
 
-
 DEFAULT_CARD = Path(__file__).resolve().parent.parent / "data" / "default_model.json"
 
 
