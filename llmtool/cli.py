@@ -222,10 +222,14 @@ def inspect(
             f"bos {tok.get('bos_token')!r}, stop {tok.get('stop_tokens')}",
             highlight=False,
         )
-    table = Table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
-    for t in info["tensors"]:
-        table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], str(t["bytes"]))
-    out.print(table)
+    for key, sig in (info.get("signatures") or {}).items():
+        ins = ", ".join(f"{n}{v[0]}" for n, v in list(sig["inputs"].items())[:4])
+        out.print(f"  signature {key}: {sig['operators']} ops; inputs {ins}, ...", highlight=False)
+    if info["tensors"]:
+        table = Table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
+        for t in info["tensors"]:
+            table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], str(t["bytes"]))
+        out.print(table)
 
 
 @app.command()

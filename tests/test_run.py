@@ -91,7 +91,7 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def test_quantized_logits_close_to_float(model_type, graph, record_property):
     ids = random_ids(16)
     ref = engine_for(graph(model_type)).logits(ids)
-    for quantization, limit in (("int8", 0.002), ("int4", 0.1)):
+    for quantization, limit in (("float16", 1e-5), ("int8", 0.002), ("int4", 0.1)):
         ours = engine_for(graph(model_type, quantization)).logits(ids)
         divergence = kl(ref, ours)
         record_property(f"kl_{quantization}", divergence)
@@ -237,6 +237,11 @@ def test_cli_export_then_run_streams(converted, tmp_path):
         "8",
     )
     assert r.returncode == 0, r.stderr
+    r = llmtool("inspect", str(graph_path), "--json")
+    assert r.returncode == 0, r.stderr
+    sigs = json.loads(r.stdout)["signatures"]
+    assert set(sigs) == {"prefill_8", "decode"}
+    assert sigs["decode"]["outputs"]["logits"] == [[1, 1, 320], "float32"]
     r = llmtool(
         "run",
         "--model",

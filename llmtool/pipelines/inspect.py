@@ -12,6 +12,7 @@ from llmtool.architectures import ModelSpec
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
+from llmtool.formats.tflite_model import read_model
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_CARD = Path(__file__).resolve().parent.parent / "data" / "default_model.json"
@@ -28,7 +29,35 @@ def describe_default() -> dict[str, Any]:
     return info
 
 
+def describe_graph(path: Path) -> dict[str, Any]:
+    """An exported graph: its signatures with their inputs and outputs."""
+    with read_model(path) as m:
+        info: dict[str, Any] = {"file": str(path), "file_bytes": Path(path).stat().st_size}
+        if keys.MODEL_SPEC in m.metadata:
+            info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC]).model_type
+        if keys.GRAPH in m.metadata:
+            info["graph"] = json.loads(m.metadata[keys.GRAPH])
+        files = keys.unpack_tokenizer(m.metadata)
+        info["tokenizer"] = Tokenizer.from_files(files).info() if files else None
+        info["signatures"] = {}
+        for sig in m.signatures:
+            tensors = m.subgraphs[sig.subgraph_index].tensors
+            info["signatures"][sig.key] = {
+                side: {n: [list(tensors[i].shape), tensors[i].dtype] for n, i in names.items()}
+                for side, names in (("inputs", sig.inputs), ("outputs", sig.outputs))
+            }
+            info["signatures"][sig.key]["operators"] = len(
+                m.subgraphs[sig.subgraph_index].operators
+            )
+        info["tensors"] = []
+        return info
+
+
 def describe(path: Path) -> dict[str, Any]:
+    with read_model(path) as m:
+        graph = any(sg.operators for sg in m.subgraphs)
+    if graph:
+        return describe_graph(path)
     with Container.open(path) as c:
         meta = c.metadata
         spec = ModelSpec.from_json(meta[keys.MODEL_SPEC]) if keys.MODEL_SPEC in meta else None
