@@ -345,6 +345,8 @@ def run(
         sys.stdout.write(piece + ("\n" if done else ""))
         sys.stdout.flush()
 
+    if streaming and sys.stdout.isatty():
+        out.print(prompt, style="dim", end="", highlight=False, markup=False)
     result = llm.generate(prompt, listener=show if streaming else None)
     if json_out:
         print_json(result.as_dict())
