@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.architectures import ModelSpec, role_name
+from llmtool.architectures import ModelSpec, role_name, role_shape
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
@@ -58,15 +58,29 @@ class _Weights:
             self._buffers[key] = (self.writer.add_buffer(arr), arr.shape, str(arr.dtype))
         return self._buffers[key]
 
+    def lazy(self, key: str, nbytes: int, make: Callable[[], np.ndarray]) -> int:
+        """A weight buffer filled only while the file is written (one weight in memory)."""
+        if key not in self._buffers:
+            self._buffers[key] = (self.writer.add_lazy_buffer(nbytes, make), (), "")
+        return self._buffers[key][0]
 
-def _runtime_layout(c: Container, name: str) -> np.ndarray:
-    """Stored bytes as LiteRT reads them: INT4 is packed over the flattened tensor, so rows of
-    odd length (packed row by row in the container) are repacked."""
-    info = c.info(name)
-    raw = c.raw(name)
-    if info.dtype == "int4" and info.shape[-1] % 2:
-        return pack_int4(unpack_int4(raw, info.shape).reshape(-1))
-    return raw
+
+def _runtime_layout(c: Container, names: tuple[str, ...]) -> np.ndarray:
+    """Stored weights as LiteRT reads them, stacked along rows when several (fused QKV,
+    gate+up). INT4 is packed over the flattened tensor in LiteRT, so rows of odd length
+    (packed row by row in the container) and stacks are repacked."""
+    infos = [c.info(n) for n in names]
+    if len(names) == 1 and not (infos[0].dtype == "int4" and infos[0].shape[-1] % 2):
+        return c.raw(names[0])
+    if infos[0].dtype == "int4":
+        rows = [unpack_int4(c.raw(n), i.shape) for n, i in zip(names, infos, strict=True)]
+        return pack_int4(np.concatenate(rows, axis=0).reshape(-1))
+    return np.concatenate([c.raw(n) for n in names], axis=0)
+
+
+def _stacked_nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    count = int(np.prod(shape))
+    return {"int4": (count + 1) // 2, "int8": count, "float16": 2 * count}.get(dtype, 4 * count)
 
 
 class _Subgraph:
@@ -127,28 +141,32 @@ class _Subgraph:
         key = f"f32:{float(value)!r}"
         return self.const(key, lambda: np.asarray([value], dtype=np.float32))
 
-    def weight(self, name: str) -> int:
-        """A container tensor as a float-producing constant (DEQUANTIZE for float16)."""
-        key = "w:" + name
+    def weight(self, *names: str) -> int:
+        """Container tensors as one float-producing constant, stacked along rows when several
+        (per-output-channel scales stack exactly). float16 goes through DEQUANTIZE."""
+        key = "w:" + "+".join(names)
         if key in self._consts:
             return self._consts[key]
-        info = self.w.c.info(name)
-        if info.dtype in ("int8", "int4") and np.any(info.zero_point != 0):
-            # Dynamic-range kernels need symmetric weights: widen asymmetric ones at export.
-            t = self.const("wf:" + name, lambda: self.w.c.float(name))
-        elif info.dtype in ("int8", "int4"):
-            buf = self.w.buffer(key, lambda: _runtime_layout(self.w.c, name))[0]
-            q = Quantization(
-                scale=np.asarray(info.scale, np.float32),
-                zero_point=np.zeros(len(info.scale), np.int64),
-                axis=info.axis,
-            )
-            t = self.tensor(info.shape, info.dtype, name, buf, q)
+        c = self.w.c
+        infos = [c.info(n) for n in names]
+        dtype = infos[0].dtype
+        shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
+        quantized = dtype in ("int8", "int4")
+        if any(i.dtype != dtype for i in infos) or (
+            quantized and any(np.any(i.zero_point != 0) for i in infos)
+        ):
+            # Mixed dtypes, or asymmetric weights (dynamic-range kernels need symmetric ones):
+            # widen to float32 at export.
+            t = self.const("wf:" + key, lambda: np.concatenate([c.float(n) for n in names]))
         else:
-            buf = self.w.buffer(key, lambda: self.w.c.raw(name))[0]
-            t = self.tensor(info.shape, info.dtype, name, buf)
-            if info.dtype == "float16":
-                t = self.op("DEQUANTIZE", [t], info.shape)
+            buf = self.w.lazy(key, _stacked_nbytes(shape, dtype), lambda: _runtime_layout(c, names))
+            q = None
+            if quantized:
+                scale = np.concatenate([np.asarray(i.scale, np.float32) for i in infos])
+                q = Quantization(scale=scale, zero_point=np.zeros(len(scale), np.int64), axis=0)
+            t = self.tensor(shape, dtype, key[2:], buf, q)
+            if dtype == "float16":
+                t = self.op("DEQUANTIZE", [t], shape)
         self._consts[key] = t
         return t
 
@@ -214,20 +232,26 @@ class _Subgraph:
             "MEAN", [x, self.ints([len(self.shape(x)) - 1])], shape, options={"keep_dims": True}
         )
 
-    def fc(self, x: int, w_name: str, b_name: str | None = None) -> int:
-        w = self.weight(w_name)
-        inputs = [x, w, self.weight(b_name) if b_name else -1]
+    def fc(self, x: int, weights: list[str], biases: list[str] | None = None) -> int:
+        """x @ W.T + b with the named weights stacked along their output rows."""
+        w = self.weight(*weights)
+        inputs = [x, w, self.weight(*biases) if biases else -1]
         out = (*self.shape(x)[:-1], self.shape(w)[0])
-        return self.op(
-            "FULLY_CONNECTED",
-            inputs,
-            out,
-            options={
-                "fused_activation_function": "NONE",
-                "keep_num_dims": True,
-                "asymmetric_quantize_inputs": True,
-            },
-        )
+        options = {
+            "fused_activation_function": "NONE",
+            "keep_num_dims": True,
+            "asymmetric_quantize_inputs": True,
+        }
+        return self.op("FULLY_CONNECTED", inputs, out, options=options)
+
+    def split_last(self, x: int, sizes: list[int]) -> list[int]:
+        """SLICE x into consecutive parts along its last axis."""
+        *lead, _ = self.shape(x)
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(self.slice(x, (*[0] * len(lead), start), (*lead, n)))
+            start += n
+        return parts
 
     def batch_matmul(self, a: int, b: int, adj_y: bool) -> int:
         sa, sb = self.shape(a), self.shape(b)
@@ -299,10 +323,16 @@ class _Decoder:
             y = g.add(y, g.weight(role_name(role + ".b", layer)))
         return y
 
-    def linear(self, g: _Subgraph, x: int, role: str, layer: int | None, bias: bool) -> int:
-        return g.fc(
-            x, role_name(role + ".w", layer), role_name(role + ".b", layer) if bias else None
-        )
+    def linear(
+        self, g: _Subgraph, x: int, roles: list[str], layer: int | None, bias: bool
+    ) -> list[int]:
+        """One FULLY_CONNECTED for several roles sharing an input (Q/K/V, gate/up)."""
+        weights = [role_name(r + ".w", layer) for r in roles]
+        biases = [role_name(r + ".b", layer) for r in roles] if bias else None
+        y = g.fc(x, weights, biases)
+        if len(roles) == 1:
+            return [y]
+        return g.split_last(y, [role_shape(self.spec, r + ".w")[0] for r in roles])
 
     def activation(self, g: _Subgraph, x: int) -> int:
         act = self.spec.activation
@@ -330,9 +360,10 @@ class _Decoder:
         T = g.shape(x)[0]
         NH, KVH, D, S = spec.num_heads, spec.num_kv_heads, spec.head_dim, self.S
         G = NH // KVH
-        q = g.reshape(self.linear(g, x, "q", layer, spec.qkv_bias), (T, NH, D))
-        k = g.reshape(self.linear(g, x, "k", layer, spec.qkv_bias), (T, KVH, D))
-        v = g.reshape(self.linear(g, x, "v", layer, spec.qkv_bias), (T, KVH, D))
+        q, k, v = self.linear(g, x, ["q", "k", "v"], layer, spec.qkv_bias)
+        q = g.reshape(q, (T, NH, D))
+        k = g.reshape(k, (T, KVH, D))
+        v = g.reshape(v, (T, KVH, D))
         if spec.rotary_dims:
             q = self.rotary(g, q, ctx["cos"], ctx["sin"])
             k = self.rotary(g, k, ctx["cos"], ctx["sin"])
@@ -358,16 +389,16 @@ class _Decoder:
         probs = g.reshape(probs, (KVH, G * T, S))
         ctx_v = g.batch_matmul(probs, g.reshape(v_all, (KVH, D, S)), adj_y=True)
         heads = g.transpose(g.reshape(ctx_v, (NH, T, D)), (1, 0, 2))
-        return self.linear(g, g.reshape(heads, (T, NH * D)), "o", layer, spec.attn_out_bias)
+        return self.linear(g, g.reshape(heads, (T, NH * D)), ["o"], layer, spec.attn_out_bias)[0]
 
     def mlp(self, g: _Subgraph, x: int, layer: int) -> int:
         spec = self.spec
-        up = self.linear(g, x, "up", layer, spec.mlp_bias)
         if spec.gated_mlp:
-            h = g.mul(self.activation(g, self.linear(g, x, "gate", layer, spec.mlp_bias)), up)
+            gate, up = self.linear(g, x, ["gate", "up"], layer, spec.mlp_bias)
+            h = g.mul(self.activation(g, gate), up)
         else:
-            h = self.activation(g, up)
-        return self.linear(g, h, "down", layer, spec.mlp_bias)
+            h = self.activation(g, self.linear(g, x, ["up"], layer, spec.mlp_bias)[0])
+        return self.linear(g, h, ["down"], layer, spec.mlp_bias)[0]
 
     # -- the whole model ----------------------------------------------------------------------
 
@@ -408,11 +439,10 @@ class _Decoder:
                 x = g.add(x, self.mlp(g, self.norm(g, x, "mlp_norm", layer), layer))
         x = self.norm(g, x, "final_norm", None)
         if spec.tied_embeddings:
-            logits = g.fc(x, role_name("embed"))
+            logits = g.fc(x, [role_name("embed")])
         else:
-            logits = g.fc(
-                x, role_name("lm_head.w"), role_name("lm_head.b") if spec.lm_head_bias else None
-            )
+            head = self.linear(g, x, ["lm_head"], None, spec.lm_head_bias)
+            logits = head[0]
         g.outputs["logits"] = g.reshape(logits, (1, T, spec.vocab_size))
 
     def embed(self, g: _Subgraph, ids: int, input_pos: int) -> int:
