@@ -300,7 +300,13 @@ def run(
             help="Converted model (.bin) or exported graph (.tflite); default: the embedded model."
         ),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens handled: input + output.")] = 512,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Most tokens handled, input + output (default 512, capped at the "
+            "model's context length)."
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens.")] = 40,
     temperature: Annotated[
         float, typer.Option(help="Randomness; 0 (or --top-k 1) is greedy.")

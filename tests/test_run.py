@@ -293,3 +293,12 @@ def test_cli_run_bad_model_files(tmp_path):
         assert r.returncode == 2
         assert "Traceback" not in r.stderr
         assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1
+
+
+def test_default_max_tokens_is_capped_at_the_model(graph):
+    llm = LlmInference.create_from_options(
+        LlmInferenceOptions(model_path=str(graph("GPT2")), num_threads=1)
+    )
+    assert llm.max_tokens == 64  # the default 512, capped at this graph's KV cache
+    with pytest.raises(LlmToolError, match="exceeds what this model handles"):
+        engine_for(graph("GPT2"), max_tokens=65)

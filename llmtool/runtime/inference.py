@@ -23,6 +23,7 @@ from llmtool.runtime.graphs import resolve_graph
 from llmtool.runtime.sampler import Sampler
 from llmtool.tokenizer import Tokenizer
 
+DEFAULT_MAX_TOKENS = 512
 ResultListener = Callable[[str, bool], None]
 ErrorListener = Callable[[Exception], None]
 
@@ -32,7 +33,7 @@ class LlmInferenceOptions:
     """Options of the reference API (snake_case), plus a few desktop extras."""
 
     model_path: str | None = None  # None: the embedded default model
-    max_tokens: int = 512  # input + output tokens
+    max_tokens: int | None = None  # input + output tokens; None: 512, capped at the model's
     top_k: int = 40
     temperature: float = 0.8
     random_seed: int = 0
@@ -44,16 +45,12 @@ class LlmInferenceOptions:
     safety_filter: list[str] = field(default_factory=list)  # refuse / stop on these words
 
     def validate(self) -> None:
-        if self.max_tokens < 2:
+        if self.max_tokens is not None and self.max_tokens < 2:
             raise LlmToolError(f"max tokens must be at least 2 (got {self.max_tokens})")
         if self.top_k < 1:
             raise LlmToolError(f"top-k must be at least 1 (got {self.top_k})")
         if not (self.temperature >= 0):
             raise LlmToolError(f"temperature must be >= 0 (got {self.temperature})")
-        if self.context_window is not None and not 1 <= self.context_window < self.max_tokens:
-            raise LlmToolError(
-                f"context window must be between 1 and max tokens - 1 (got {self.context_window})"
-            )
         if self.lora_path is not None:
             raise LlmToolError("LoRA weights are not supported by this version yet", self.lora_path)
 
@@ -117,8 +114,14 @@ class LlmInference:
     """Generate text with a converted model on the LiteRT interpreter."""
 
     def __init__(
-        self, options: LlmInferenceOptions, engine: Engine, tokenizer: Tokenizer, graph_path: Path
+        self,
+        options: LlmInferenceOptions,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        graph_path: Path,
+        max_tokens: int,
     ):
+        self.max_tokens = max_tokens  # the effective limit: options.max_tokens or the default
         self.options = options
         self.engine = engine
         self.tokenizer = tokenizer
@@ -129,15 +132,26 @@ class LlmInference:
     @classmethod
     def create_from_options(cls, options: LlmInferenceOptions) -> LlmInference:
         options.validate()
-        graph_path, tokenizer = resolve_graph(options.model_path, options.max_tokens)
+        requested = options.max_tokens or DEFAULT_MAX_TOKENS
+        graph_path, tokenizer = resolve_graph(options.model_path, requested)
         engine = Engine(graph_path, options.num_threads)
-        if engine.max_seq_len < options.max_tokens:
+        if options.max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, engine.max_seq_len)
+        elif options.max_tokens > engine.max_seq_len:
             raise LlmToolError(
-                f"max tokens {options.max_tokens} exceeds the graph's KV cache of "
-                f"{engine.max_seq_len}; export it with a larger --max-seq-len",
-                graph_path,
+                f"max tokens {options.max_tokens} exceeds what this model handles "
+                f"({engine.max_seq_len} tokens: its context length or the graph's KV cache)",
+                options.model_path,
             )
-        return cls(options, engine, tokenizer, graph_path)
+        else:
+            max_tokens = options.max_tokens
+        window = options.context_window
+        if window is not None and not 1 <= window < max_tokens:
+            raise LlmToolError(
+                f"context window must be between 1 and max tokens - 1 ({max_tokens - 1}), "
+                f"got {window}"
+            )
+        return cls(options, engine, tokenizer, graph_path, max_tokens)
 
     @classmethod
     def create_from_model_file(cls, model_path: str) -> LlmInference:
@@ -183,15 +197,16 @@ class LlmInference:
     def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
         """Prompt token ids cut to the context window, and how many were dropped."""
         o = self.options
+        max_tokens = self.max_tokens
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise LlmToolError("the prompt is empty")
-        if len(ids) >= o.max_tokens:
+        if len(ids) >= max_tokens:
             raise LlmToolError(
-                f"the prompt has {len(ids)} tokens, more than max tokens {o.max_tokens} allows "
+                f"the prompt has {len(ids)} tokens, more than max tokens {max_tokens} allows "
                 "(input + output)"
             )
-        window = o.context_window or max(1, o.max_tokens // 2)
+        window = o.context_window or max(1, max_tokens // 2)
         dropped = max(0, len(ids) - window)
         if dropped:
             keep_bos = ids[0] == self.tokenizer.bos_id and self.tokenizer.add_bos
@@ -216,7 +231,7 @@ class LlmInference:
             logits = self.engine.prefill(ids)
             t1 = time.perf_counter()
             stream = self.tokenizer.stream_decoder()
-            while len(ids) + len(out) < o.max_tokens:
+            while len(ids) + len(out) < self.max_tokens:
                 token = sampler(logits)
                 if token in stops:
                     reason = "stop_token"
@@ -231,7 +246,7 @@ class LlmInference:
                     text += piece
                     if listener:
                         listener(piece, False)
-                if len(ids) + len(out) >= o.max_tokens:
+                if len(ids) + len(out) >= self.max_tokens:
                     break
                 logits = self.engine.decode(token)
             t2 = time.perf_counter()
