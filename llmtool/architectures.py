@@ -434,6 +434,9 @@ def _rotary(fraction_keys: tuple[str, ...] = ("partial_rotary_factor",), default
 
 
 def _llama_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    window = cfg.get("sliding_window")
+    if window and window < int(cfg_get(cfg, "max_position_embeddings", default=0) or 0):
+        raise LlmToolError(f"sliding-window attention ({window} tokens) is not supported")
     bias = bool(cfg.get("attention_bias", False))
     return {
         "qkv_bias": bias,
@@ -532,6 +535,16 @@ _GEMMA = dict(
     ignored=("rotary_emb.inv_freq",),
 )
 
+_LLAMA_FAMILY = dict(
+    rules=LLAMA_STYLE_RULES,
+    norm="rms",
+    activation_keys=("hidden_act",),
+    default_activation="silu",
+    gated_mlp=True,
+    lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+    ignored=("rotary_emb.inv_freq",),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
@@ -591,27 +604,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             "LLAMA",
             hf_model_types=("llama", "mistral"),
             description="Llama / Mistral-style (RMSNorm, SwiGLU, rotary, GQA)",
-            rules=LLAMA_STYLE_RULES,
-            norm="rms",
-            activation_keys=("hidden_act",),
-            default_activation="silu",
-            gated_mlp=True,
             facts=_llama_facts,
-            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
-            ignored=("rotary_emb.inv_freq",),
+            **_LLAMA_FAMILY,
         ),
         Architecture(
             "QWEN2",
             hf_model_types=("qwen2",),
             description="Qwen2 / Qwen2.5 (RMSNorm, SwiGLU, rotary, GQA, QKV bias)",
-            rules=LLAMA_STYLE_RULES,
-            norm="rms",
-            activation_keys=("hidden_act",),
-            default_activation="silu",
-            gated_mlp=True,
             facts=_qwen2_facts,
-            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
-            ignored=("rotary_emb.inv_freq",),
+            **_LLAMA_FAMILY,
         ),
     )
 }
