@@ -443,11 +443,12 @@ def _split_around(full: list[int], plain: list[int]) -> tuple[list[int], list[in
 class StreamDecoder:
     """Turns generated ids into text pieces as they arrive.
 
-    Each push decodes the whole sequence so far and emits only the new, settled text: a trailing
-    U+FFFD (an incomplete UTF-8 character) is held back until it resolves, as is the text of a
-    trailing run of byte-fallback tokens where the decoder may still rewrite it; the leading
-    space of SentencePiece pieces is always decoded in context. So "".join(pushes) + flush()
-    == decode(all ids). Cost is one decode of the sequence per push.
+    Incremental: each push decodes only the ids since the start of the previous emission (the
+    shared first piece keeps SentencePiece's leading-space handling identical in both decodes)
+    and emits the difference, so a generation costs O(n), not O(n^2). A trailing U+FFFD (an
+    incomplete UTF-8 character) is held back until it resolves, as is a trailing run of
+    byte-fallback tokens the decoder may still rewrite. "".join(pushes) + flush() ==
+    decode(all ids).
     """
 
     def __init__(
@@ -456,31 +457,31 @@ class StreamDecoder:
         self._decode = decode
         self._unsettled = unsettled_ids
         self._ids: list[int] = []
-        self._emitted = ""
+        self._prefix = 0  # ids[_prefix:_read] were emitted last; they give the context
+        self._read = 0  # ids before this are emitted
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
+        end = len(self._ids)
+        while end > self._read and self._ids[end - 1] in self._unsettled:
+            end -= 1
+        if end == self._read:
+            return ""
         try:
-            text = self._decode(self._ids)
+            before = self._decode(self._ids[self._prefix : self._read])
+            text = self._decode(self._ids[self._prefix : end])
         except Exception:
             self._ids.pop()
             raise
-        end = len(self._ids)
-        while end and self._ids[end - 1] in self._unsettled:
-            end -= 1
-        if end < len(self._ids):
-            text = self._decode(self._ids[:end])
-        settled = text.rstrip("\ufffd")
-        if len(settled) <= len(self._emitted) or not settled.startswith(self._emitted):
+        if text.endswith("\ufffd") or len(text) <= len(before) or not text.startswith(before):
             return ""
-        new = settled[len(self._emitted) :]
-        self._emitted = settled
-        return new
+        self._prefix, self._read = self._read, end
+        return text[len(before) :]
 
     def flush(self) -> str:
         """The held-back rest; the decoder then starts a new, empty sequence."""
-        text = self._decode(self._ids)
-        rest = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
-        self._ids = []
-        self._emitted = ""
+        before = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        rest = text[len(before) :] if text.startswith(before) else ""
+        self._ids, self._prefix, self._read = [], 0, 0
         return rest
