@@ -5,8 +5,10 @@ No work happens here. A user mistake (LlmToolError) becomes one line on stderr a
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -397,7 +399,21 @@ def evaluate(
     )
 
 
+def _quiet_native_exit() -> None:
+    """LiteRT destroys a process-wide environment in a C++ static destructor after Python has
+    finished, logging INFO lines on the way: point fd 2 at /dev/null once everything
+    Python-side has been said (atexit runs after an uncaught exception's traceback)."""
+    sys.stderr.flush()
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def main() -> None:
+    atexit.register(_quiet_native_exit)
     app()
 
 

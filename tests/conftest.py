@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Exported graphs and XNNPACK weight caches of the tests stay out of the user's ~/.cache.
+os.environ.setdefault("LLMTOOL_CACHE_DIR", tempfile.mkdtemp(prefix="llmtool-tests-"))
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """LiteRT logs INFO lines from C++ static destructors after Python finishes; keep them
+    from trailing pytest's summary line."""
+    import atexit
+
+    from llmtool.cli import _quiet_native_exit
+
+    atexit.register(_quiet_native_exit)
+
 
 VOCAB = 320
 TOKENIZER_STYLE = {

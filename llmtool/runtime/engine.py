@@ -46,7 +46,7 @@ class _Captured:
 
 
 @contextlib.contextmanager
-def _native_stderr_captured() -> Iterator[_Captured]:
+def native_stderr_captured() -> Iterator[_Captured]:
     """Keep the native library's start-up chatter ("INFO: Created TensorFlow Lite XNNPACK
     delegate") off the user's terminal; the text stays available for error messages."""
     captured = _Captured()
@@ -69,7 +69,75 @@ class _Signature:
     outputs: dict[str, int]
 
 
-class Engine:
+class EngineBase:
+    """Prefill chunking and decoding over a graph's `prefill_<T>` / `decode` signatures.
+
+    Subclasses bind a runtime: `_lengths` (signature -> tokens per call), `max_seq_len`,
+    `pos`, and `_run(key, tokens, pos, want_logits)` for one call.
+    """
+
+    max_seq_len: int
+    pos: int
+    _lengths: dict[str, int]
+
+    def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def causal_rows(self, pos: int, length: int) -> np.ndarray:
+        """Additive mask rows [length, S] for queries at pos..: 0 where a key is visible.
+
+        Built per call: a precomputed S x S mask would take 4*S*S bytes (1 GiB at S = 16384).
+        """
+        rows = np.arange(pos, pos + length)[:, None]
+        return np.where(np.arange(self.max_seq_len)[None, :] > rows, MASK_VALUE, np.float32(0))
+
+    @property
+    def prefill_keys(self) -> list[str]:
+        return sorted((k for k in self._lengths if k != "decode"), key=self._lengths.__getitem__)
+
+    def prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Feed tokens at the current position; logits of the last (or every) position."""
+        if not tokens:
+            raise LlmToolError("nothing to prefill: the prompt is empty")
+        if self.pos + len(tokens) > self.max_seq_len:
+            raise LlmToolError(
+                f"{self.pos + len(tokens)} tokens exceed the graph's KV cache of {self.max_seq_len}"
+            )
+        outs = []
+        i = 0
+        while i < len(tokens):
+            rest = len(tokens) - i
+            key = self._pick(rest)
+            n = min(rest, self._lengths[key])
+            last = i + n == len(tokens)
+            logits = self._run(key, tokens[i : i + n], self.pos, all_logits or last)
+            if logits is not None:
+                outs.append(logits if all_logits else logits[-1:])
+            self.pos += n
+            i += n
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1][0]
+
+    def _pick(self, rest: int) -> str:
+        """The cheapest signature for the next chunk: a prefill chunk that fits in the cache
+        and is not mostly padding, else one decode step."""
+        for key in self.prefill_keys:
+            length = self._lengths[key]
+            if self.pos + length <= self.max_seq_len and (rest >= length or length <= 4 * rest):
+                return key
+        return "decode"
+
+    def decode(self, token: int) -> np.ndarray:
+        if self.pos >= self.max_seq_len:
+            raise LlmToolError(f"the KV cache of {self.max_seq_len} tokens is full")
+        logits = self._run("decode", [token], self.pos, True)
+        assert logits is not None
+        self.pos += 1
+        return logits[0]
+
+
+class Engine(EngineBase):
+    """The classic Interpreter API (kept for tflite_runtime installs without CompiledModel)."""
+
     """Run prefill/decode signatures of one graph, keeping the KV cache between calls."""
 
     def __init__(self, graph_path: str | Path, num_threads: int | None = None):
@@ -77,7 +145,7 @@ class Engine:
         self.path = Path(graph_path)
         threads = num_threads or min(4, os.cpu_count() or 1)
         try:
-            with _native_stderr_captured() as captured:
+            with native_stderr_captured() as captured:
                 self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
         except (ValueError, RuntimeError) as exc:
             detail = (str(exc) or captured.text()).strip().splitlines()
@@ -100,9 +168,7 @@ class Engine:
             self._runners[key] = runner
         if "decode" not in self._sigs:
             raise LlmToolError("graph has no 'decode' signature", self.path)
-        self.prefill_keys = sorted(
-            (k for k in self._sigs if k != "decode"), key=lambda k: self._sigs[k].length
-        )
+        self._lengths = {k: sig.length for k, sig in self._sigs.items()}
         decode = self._runners["decode"]
         details = decode.get_input_details()
         self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
@@ -112,10 +178,7 @@ class Engine:
             raise LlmToolError("graph has no KV cache inputs", self.path)
         self.max_seq_len = int(k0[2])
         self.vocab_size = int(decode.get_output_details()["logits"]["shape"][-1])
-        self._causal = np.triu(
-            np.full((self.max_seq_len, self.max_seq_len), MASK_VALUE, np.float32), k=1
-        )
-        with _native_stderr_captured():  # the delegate announces itself here
+        with native_stderr_captured():  # the delegate announces itself here
             for sig in self._sigs.values():
                 self._wrapper.AllocateTensors(sig.subgraph)
         self._holder: str | None = None  # which signature's input tensors hold the cache
@@ -142,7 +205,7 @@ class Engine:
                 dst[...] = self._view(self._sigs[self._holder], name)
         self._holder = sig.key
 
-    def _run(self, key: str, tokens: list[int], pos: int) -> np.ndarray:
+    def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
         """One call at positions pos.. (tokens padded to the signature's length)."""
         sig = self._sigs[key]
         T, S = sig.length, self.max_seq_len
@@ -153,7 +216,7 @@ class Engine:
         ids.fill(0)
         ids[0, : len(tokens)] = tokens
         self._view(sig, "input_pos")[:] = np.arange(pos, pos + T, dtype=np.int32)
-        self._view(sig, "mask")[0, 0] = self._causal[pos : pos + T]
+        self._view(sig, "mask")[0, 0] = self.causal_rows(pos, T)
         self._wrapper.Invoke(sig.subgraph)
         # Copy back only the rows this call wrote: the rest of each cache is unchanged.
         n = len(tokens)
@@ -163,40 +226,4 @@ class Engine:
                 old[:, :, pos : pos + n, :] = new[:, :, pos : pos + n, :]
             else:
                 old[:, :, :, pos : pos + n] = new[:, :, :, pos : pos + n]
-        return np.array(self._view(sig, "logits", output=True)[0, :n])
-
-    def prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Feed tokens at the current position; logits of the last (or every) position."""
-        if not tokens:
-            raise LlmToolError("nothing to prefill: the prompt is empty")
-        if self.pos + len(tokens) > self.max_seq_len:
-            raise LlmToolError(
-                f"{self.pos + len(tokens)} tokens exceed the graph's KV cache of {self.max_seq_len}"
-            )
-        outs = []
-        i = 0
-        while i < len(tokens):
-            rest = len(tokens) - i
-            key = self._pick(rest)
-            n = min(rest, self._sigs[key].length)
-            logits = self._run(key, tokens[i : i + n], self.pos)
-            if all_logits or i + n == len(tokens):
-                outs.append(logits if all_logits else logits[-1:])
-            self.pos += n
-            i += n
-        return np.concatenate(outs, axis=0) if all_logits else outs[-1][0]
-
-    def _pick(self, rest: int) -> str:
-        """The cheapest signature for the next chunk that fits in the cache."""
-        for key in self.prefill_keys:
-            L = self._sigs[key].length
-            if self.pos + L <= self.max_seq_len and (rest >= L or L <= 4 * rest):
-                return key
-        return "decode"
-
-    def decode(self, token: int) -> np.ndarray:
-        if self.pos >= self.max_seq_len:
-            raise LlmToolError(f"the KV cache of {self.max_seq_len} tokens is full")
-        logits = self._run("decode", [token], self.pos)
-        self.pos += 1
-        return logits[0]
+        return np.array(self._view(sig, "logits", output=True)[0, :n]) if want_logits else None

@@ -6,6 +6,7 @@ Mirrors the reference LLM Inference API: `LlmInference.create_from_options(optio
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import LlmToolError
-from llmtool.runtime.engine import Engine
+from llmtool.runtime.engine import Engine, EngineBase
 from llmtool.runtime.graphs import resolve_graph
 from llmtool.runtime.sampler import Sampler
 from llmtool.tokenizer import Tokenizer
@@ -110,13 +111,23 @@ class SafetyFilter:
         return self._re.search(text) if self._re else None
 
 
+def open_engine(graph_path: Path, num_threads: int | None) -> EngineBase:
+    """LiteRT's CompiledModel engine (in-place KV cache, one shared packed copy of the
+    weights), or the classic Interpreter where only that is installed."""
+    if importlib.util.find_spec("ai_edge_litert.compiled_model") is None:
+        return Engine(graph_path, num_threads)
+    from llmtool.runtime.compiled_engine import CompiledEngine
+
+    return CompiledEngine(graph_path, num_threads)
+
+
 class LlmInference:
     """Generate text with a converted model on the LiteRT interpreter."""
 
     def __init__(
         self,
         options: LlmInferenceOptions,
-        engine: Engine,
+        engine: EngineBase,
         tokenizer: Tokenizer,
         graph_path: Path,
         max_tokens: int,
@@ -134,7 +145,7 @@ class LlmInference:
         options.validate()
         requested = options.max_tokens or DEFAULT_MAX_TOKENS
         graph_path, tokenizer = resolve_graph(options.model_path, requested)
-        engine = Engine(graph_path, options.num_threads)
+        engine = open_engine(graph_path, options.num_threads)
         if options.max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, engine.max_seq_len)
         elif options.max_tokens > engine.max_seq_len:
