@@ -30,6 +30,8 @@ SHAPE = dict(vocab=8000, hidden=2048, ffn=16384, layers=4, heads=8, kv_heads=1, 
 def make_checkpoint(folder: Path) -> Path:
     """Write the random Gemma-shaped checkpoint (once) with a SentencePiece tokenizer."""
     if (folder / "model.safetensors").is_file():
+        if not (folder / "tokenizer.model").is_file():
+            _tokenizer(folder, SHAPE["vocab"])
         return folder
     from safetensors.numpy import save_file
 
@@ -98,6 +100,10 @@ def _tokenizer(folder: Path, vocab: int) -> None:
         eos_id=1,
         bos_id=2,
         unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         byte_fallback=True,
         minloglevel=2,
         hard_vocab_limit=False,
