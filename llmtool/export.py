@@ -50,6 +50,7 @@ class _Weights:
         self.c = container
         self.writer = writer
         self._buffers: dict[str, tuple[int, tuple[int, ...], str]] = {}
+        self._lazy: dict[str, int] = {}
 
     def buffer(self, key: str, make: Callable[[], np.ndarray]) -> tuple[int, tuple[int, ...], str]:
         """(buffer index, shape, dtype) of a constant; `make` runs once per model."""
@@ -60,9 +61,9 @@ class _Weights:
 
     def lazy(self, key: str, nbytes: int, make: Callable[[], np.ndarray]) -> int:
         """A weight buffer filled only while the file is written (one weight in memory)."""
-        if key not in self._buffers:
-            self._buffers[key] = (self.writer.add_lazy_buffer(nbytes, make), (), "")
-        return self._buffers[key][0]
+        if key not in self._lazy:
+            self._lazy[key] = self.writer.add_lazy_buffer(nbytes, make)
+        return self._lazy[key]
 
 
 def _runtime_layout(c: Container, names: tuple[str, ...]) -> np.ndarray:
@@ -94,7 +95,6 @@ class _Subgraph:
         self.inputs: dict[str, int] = {}
         self.outputs: dict[str, int] = {}
         self._consts: dict[str, int] = {}
-        self._n = 0
 
     # -- tensors ----------------------------------------------------------------------------
 
@@ -106,10 +106,9 @@ class _Subgraph:
         buffer: int = 0,
         quant: Quantization | None = None,
     ) -> int:
-        self._n += 1
         self.tensors.append(
             Tensor(
-                name=name or f"t{self._n}",
+                name=name or f"t{len(self.tensors)}",
                 shape=tuple(int(s) for s in shape),
                 dtype=dtype,
                 buffer=buffer,
