@@ -302,3 +302,12 @@ def test_default_max_tokens_is_capped_at_the_model(graph):
     assert llm.max_tokens == 64  # the default 512, capped at this graph's KV cache
     with pytest.raises(LlmToolError, match="exceeds what this model handles"):
         engine_for(graph("GPT2"), max_tokens=65)
+
+
+def test_export_is_deterministic(converted, tmp_path):
+    outs = []
+    for i in range(2):
+        path = tmp_path / f"g{i}.tflite"
+        export_graph(converted("PHI_2", "int4"), path, ExportOptions(max_seq_len=32, prefill_len=8))
+        outs.append(path.read_bytes())
+    assert outs[0] == outs[1]
