@@ -23,7 +23,7 @@ from llmtool.errors import LlmToolError
 
 app = typer.Typer(
     name="llmtool",
-    help="Convert Hugging Face language models to on-device TFLite artifacts, bundle and run them.",
+    help="Convert Hugging Face language models to on-device TFLite artifacts and run them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -197,14 +197,14 @@ def convert(
 @friendly_errors
 def inspect(
     file: Annotated[
-        Path | None, typer.Argument(help="A converted model (.bin) or LoRA file.")
+        Path | None, typer.Argument(help="A converted model (.bin) or an exported graph (.tflite).")
     ] = None,
     default: Annotated[
         bool, typer.Option("--default", help="Inspect the embedded default model.")
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show what a converted model holds: type, backend, parameters, tokenizer, tensors."""
+    """Show what a model file holds: type, parameters, tokenizer, tensors or signatures."""
     from llmtool.pipelines.inspect import describe, describe_default
 
     if file is None and not default:
