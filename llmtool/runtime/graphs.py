@@ -45,17 +45,18 @@ def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path,
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_file():
         raise LlmToolError("model file not found", path)
-    model = read_model(path)
-    files = keys.unpack_tokenizer(model.metadata)
+    with read_model(path) as model:
+        files = keys.unpack_tokenizer(model.metadata)
+        graph = is_graph(model)
     if not files:
         raise LlmToolError("the model carries no tokenizer (was it written by llmtool?)", path)
     tokenizer = Tokenizer.from_files(files)
-    if is_graph(model):
+    if graph:
         return path, tokenizer
     options = ExportOptions(max_seq_len=max(max_tokens, 16))
     key = hashlib.sha256(f"{file_digest(path)}|{options}|{__version__}".encode()).hexdigest()[:32]
-    graph = cache_dir() / f"{path.stem}-{key}.tflite"
-    if not graph.is_file():
-        graph.parent.mkdir(parents=True, exist_ok=True)
-        export_graph(path, graph, options)
-    return graph, tokenizer
+    cached = cache_dir() / f"{path.stem}-{key}.tflite"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        export_graph(path, cached, options)
+    return cached, tokenizer

@@ -227,9 +227,11 @@ class LlmInference:
 
     def generate(self, prompt: str, listener: ResultListener | None = None) -> GenerationResult:
         o = self.options
-        if self.safety.find(prompt):
-            word = self.safety.find(prompt).group(0)  # type: ignore[union-attr]
-            raise LlmToolError(f"the prompt was refused by the safety filter (contains {word!r})")
+        refused = self.safety.find(prompt)
+        if refused:
+            raise LlmToolError(
+                f"the prompt was refused by the safety filter (contains {refused.group(0)!r})"
+            )
         ids, dropped = self.prompt_ids(prompt)
         sampler = Sampler(o.top_k, o.temperature, o.random_seed)
         stops = set(self.tokenizer.stop_ids)
