@@ -87,8 +87,7 @@ def _stacked_nbytes(shape: tuple[int, ...], dtype: str) -> int:
 class _Subgraph:
     """A small SSA-style builder over the generic writer's dataclasses."""
 
-    def __init__(self, name: str, weights: _Weights):
-        self.name = name
+    def __init__(self, weights: _Weights):
         self.w = weights
         self.tensors: list[Tensor] = []
         self.ops: list[Operator] = []
@@ -505,7 +504,7 @@ def export_graph(
         signatures = [(f"prefill_{T}", T), ("decode", 1)]
         for i, (key, length) in enumerate(signatures):
             report(i, len(signatures) + 1, f"building {key}")
-            g = _Subgraph(key, weights)
+            g = _Subgraph(weights)
             decoder.build(g, length)
             index = writer.add_subgraph(
                 Subgraph(

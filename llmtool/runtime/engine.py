@@ -153,7 +153,6 @@ class Engine(EngineBase):
             raise LlmToolError(f"LiteRT cannot load this graph ({reason})", self.path) from None
         sigs = self.interpreter.get_signature_list()
         self._wrapper = self.interpreter._interpreter  # the pybind wrapper: zero-copy views
-        self._runners = {}
         self._sigs: dict[str, _Signature] = {}
         for key in sigs:
             runner = self.interpreter.get_signature_runner(key)
@@ -165,11 +164,10 @@ class Engine(EngineBase):
             length = int(m.group(1)) if m else 1
             sub = self._wrapper.GetSubgraphIndexFromSignature(key)
             self._sigs[key] = _Signature(key, length, sub, ins, outs)
-            self._runners[key] = runner
         if "decode" not in self._sigs:
             raise LlmToolError("graph has no 'decode' signature", self.path)
         self._lengths = {k: sig.length for k, sig in self._sigs.items()}
-        decode = self._runners["decode"]
+        decode = self.interpreter.get_signature_runner("decode")
         details = decode.get_input_details()
         self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
         self.cache_shapes = {n: tuple(details[n]["shape"]) for n in self.cache_names}
