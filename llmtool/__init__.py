@@ -11,17 +11,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from llmtool._version import __version__
+
 __all__ = ["LlmInference", "LlmInferenceOptions", "__version__"]
 
 if TYPE_CHECKING:
-    from llmtool.runtime.inference import LlmInference, LlmInferenceOptions
+    from llmtool.pipelines.run import LlmInference
+    from llmtool.runtime.inference import LlmInferenceOptions
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import llmtool` (and the CLI's start-up) stays cheap.
-    if name in ("LlmInference", "LlmInferenceOptions"):
-        from llmtool.runtime import inference
+    if name == "LlmInference":
+        from llmtool.pipelines.run import LlmInference
 
-        return getattr(inference, name)
+        return LlmInference
+    if name == "LlmInferenceOptions":
+        from llmtool.runtime.inference import LlmInferenceOptions
+
+        return LlmInferenceOptions
     raise AttributeError(name)

@@ -1,164 +1,57 @@
 """THE table: every model-specific fact lives here and nowhere else.
 
-Two parts:
-- `ModelSpec`: the hyperparameters of one checkpoint, read from its config.json. The generic
-  decoder (export.py) is parameterised by it; nothing else needs to know the model's name.
-- `ARCHITECTURES`: one row per model type: which config.json `model_type` values it accepts,
-  the fixed facts of the family (norm kind, activation, ...), and how each Hugging Face tensor
-  maps to a role in the generic decoder (`TensorRule`).
+`ARCHITECTURES` has one row per model type: which config.json `model_type` values it accepts,
+the fixed facts of the family (norm kind, activation, ...), how config.json becomes a
+`ModelSpec` (spec.py, the generic vocabulary the decoder reads), and how each Hugging Face
+tensor maps to roles of the generic decoder (`TensorRule`), with the transform that gets it
+there written beside the rules that use it.
 
 Adding an architecture is adding a row.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from llmtool.errors import LlmToolError
+from llmtool.spec import ModelSpec
 
 # --------------------------------------------------------------------------------------------
-# The generic model description
+# How a Hugging Face tensor becomes roles: transforms take the checkpoint tensor (float32
+# numpy, as stored) and return one array per role of the rule, each [out, in] like HF Linear.
+
+Transform = Callable[[np.ndarray, ModelSpec], list[np.ndarray]]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything the generic decoder needs to know about one checkpoint."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_positions: int
-    norm: str  # "rms" | "layer"
-    norm_eps: float
-    norm_offset: float  # RMSNorm computes x * (offset + w); Gemma stores w - 1 (offset 1.0)
-    activation: str  # "gelu_tanh" | "gelu" | "silu" | "relu"
-    gated_mlp: bool  # down(act(gate(x)) * up(x)) instead of down(act(up(x)))
-    rotary_dims: int  # leading dims of each head that get rotary embeddings; 0 = none
-    rope_theta: float
-    alibi: bool  # Falcon-RW / BLOOM linear attention biases
-    learned_positions: bool  # GPT-2 absolute position table
-    parallel_residual: bool  # x + attn(norm(x)) + mlp(norm(x)) with one norm (Phi-2, GPT-J)
-    embedding_scale: float  # Gemma multiplies embeddings by sqrt(hidden_size)
-    tied_embeddings: bool  # output layer reuses the token embedding
-    qkv_bias: bool
-    attn_out_bias: bool
-    mlp_bias: bool
-    norm_bias: bool  # LayerNorm with a bias term
-    lm_head_bias: bool
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> ModelSpec:
-        raw = json.loads(data)
-        known = {f.name for f in fields(cls)}
-        raw = {k: v for k, v in raw.items() if k in known}
-        raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
-        return cls(**raw)
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+def split_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """Rows [q; k; v] stacked along axis 0 (GPT-2's c_attn after transposing)."""
+    q, k = spec.q_dim, spec.kv_dim
+    return [np.ascontiguousarray(p) for p in np.split(x, [q, q + k], axis=0)]
 
 
-# --------------------------------------------------------------------------------------------
-# Roles of tensors in the generic decoder, and their names in the converted container.
-# The names follow the MediaPipe converter's (reference-formats.md), so files read alike.
-
-LAYER = "params.lm.transformer.x_layers_{i}."
-
-ROLE_NAMES: dict[str, str] = {
-    "embed": "params.lm.token_embedding.w",
-    "pos_embed": "params.lm.position_embedding.w",
-    "final_norm.w": "params.lm.final_ln.scale",
-    "final_norm.b": "params.lm.final_ln.bias",
-    "lm_head.w": "params.lm.softmax.logits_ffn.w",
-    "lm_head.b": "params.lm.softmax.logits_ffn.b",
-    "attn_norm.w": LAYER + "pre_layer_norm.scale",
-    "attn_norm.b": LAYER + "pre_layer_norm.bias",
-    "q.w": LAYER + "self_attention.q.w",
-    "q.b": LAYER + "self_attention.q.b",
-    "k.w": LAYER + "self_attention.k.w",
-    "k.b": LAYER + "self_attention.k.b",
-    "v.w": LAYER + "self_attention.v.w",
-    "v.b": LAYER + "self_attention.v.b",
-    "o.w": LAYER + "self_attention.post.w",
-    "o.b": LAYER + "self_attention.post.b",
-    "mlp_norm.w": LAYER + "ff_layer.pre_layer_norm.scale",
-    "mlp_norm.b": LAYER + "ff_layer.pre_layer_norm.bias",
-    "gate.w": LAYER + "ff_layer.ffn_layer1_gate.w",
-    "up.w": LAYER + "ff_layer.ffn_layer1.w",
-    "up.b": LAYER + "ff_layer.ffn_layer1.b",
-    "down.w": LAYER + "ff_layer.ffn_layer2.w",
-    "down.b": LAYER + "ff_layer.ffn_layer2.b",
-}
-
-# Which quantization knob a role's weight follows ("norm" roles always stay float32).
-ROLE_KIND: dict[str, str] = {
-    "embed": "embedding",
-    "lm_head.w": "embedding",
-    **{f"{r}.w": "attention" for r in ("q", "k", "v", "o")},
-    **{f"{r}.w": "feedforward" for r in ("gate", "up", "down")},
-}
-
-# LoRA target module names (PEFT) for each attention role, per family, are in the rows below.
+def falcon_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """Falcon-RW's fused rows, interleaved per head: [heads, (q, k, v), head_dim, ...]."""
+    rest = x.shape[1:]
+    fused = x.reshape(spec.num_heads, 3, spec.head_dim, *rest)
+    return [np.ascontiguousarray(fused[:, j].reshape(spec.q_dim, *rest)) for j in range(3)]
 
 
-def role_name(role: str, layer: int | None = None) -> str:
-    """Container tensor name of a role (layer index for per-layer roles)."""
-    template = ROLE_NAMES[role]
-    return template.format(i=layer) if "{i}" in template else template
+def conv1d(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """GPT-2's Conv1D stores [in, out]: transpose to [out, in]."""
+    return [np.ascontiguousarray(x.T)]
 
 
-def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
-    """Shape of a role's tensor in the container (linear weights are [out, in], as in HF)."""
-    h, f = spec.hidden_size, spec.intermediate_size
-    base = role.split(".")[0]
-    out_in = {
-        "q": (spec.q_dim, h),
-        "k": (spec.kv_dim, h),
-        "v": (spec.kv_dim, h),
-        "o": (h, spec.q_dim),
-        "gate": (f, h),
-        "up": (f, h),
-        "down": (h, f),
-        "lm_head": (spec.vocab_size, h),
-    }
-    if role == "embed":
-        return (spec.vocab_size, h)
-    if role == "pos_embed":
-        return (spec.max_positions, h)
-    if base in ("attn_norm", "mlp_norm", "final_norm"):
-        return (h,)
-    if role.endswith(".w"):
-        return out_in[base]
-    return (out_in[base][0],)  # bias
+def conv1d_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    return split_qkv(np.ascontiguousarray(x.T), spec)
 
 
-# --------------------------------------------------------------------------------------------
-# How a Hugging Face tensor becomes roles
-
-# Transforms applied to a HF tensor (float32 numpy, torch-free) to produce role tensors.
-#   "split3"       : rows [q; k; v] stacked along axis 0 (sizes from the spec)
-#   "falcon_qkv"   : Falcon-RW fused rows interleaved per head: [heads, 3, head_dim, hidden]
-#   "conv1d"       : GPT-2 Conv1D stores [in, out]: transpose to [out, in]
-#   "conv1d_split3": transpose, then split3
+# The transforms whose checkpoint tensor is stored [in, out] (its expected shape is reversed).
+TRANSPOSED: tuple[Transform, ...] = (conv1d, conv1d_qkv)
 
 
 @dataclass(frozen=True)
@@ -167,7 +60,7 @@ class TensorRule:
 
     hf: str
     roles: tuple[str, ...]
-    transform: str | None = None
+    transform: Transform | None = None  # None: the tensor is one role, as stored
     when: Callable[[ModelSpec], bool] | None = None  # rule applies only if this holds
     # When `when` is false the tensor may still be in the file as a copy of another one
     # (a tied output layer saved by torch): ignore it then instead of calling it unexpected.
@@ -256,12 +149,12 @@ FALCON_RULES = _rules(
     (
         "transformer.h.{i}.self_attention.query_key_value.weight",
         ("q.w", "k.w", "v.w"),
-        "falcon_qkv",
+        falcon_qkv,
     ),
     (
         "transformer.h.{i}.self_attention.query_key_value.bias",
         ("q.b", "k.b", "v.b"),
-        "falcon_qkv",
+        falcon_qkv,
         _has("qkv_bias"),
     ),
     *_linear("transformer.h.{i}.self_attention.dense", "o", "attn_out_bias"),
@@ -275,14 +168,14 @@ GPT2_RULES = _rules(
     ("transformer.wpe.weight", "pos_embed"),
     *_layernorm("transformer.ln_f", "final_norm"),
     *_layernorm("transformer.h.{i}.ln_1", "attn_norm"),
-    ("transformer.h.{i}.attn.c_attn.weight", ("q.w", "k.w", "v.w"), "conv1d_split3"),
-    ("transformer.h.{i}.attn.c_attn.bias", ("q.b", "k.b", "v.b"), "split3"),
-    ("transformer.h.{i}.attn.c_proj.weight", "o.w", "conv1d"),
+    ("transformer.h.{i}.attn.c_attn.weight", ("q.w", "k.w", "v.w"), conv1d_qkv),
+    ("transformer.h.{i}.attn.c_attn.bias", ("q.b", "k.b", "v.b"), split_qkv),
+    ("transformer.h.{i}.attn.c_proj.weight", "o.w", conv1d),
     ("transformer.h.{i}.attn.c_proj.bias", "o.b"),
     *_layernorm("transformer.h.{i}.ln_2", "mlp_norm"),
-    ("transformer.h.{i}.mlp.c_fc.weight", "up.w", "conv1d"),
+    ("transformer.h.{i}.mlp.c_fc.weight", "up.w", conv1d),
     ("transformer.h.{i}.mlp.c_fc.bias", "up.b"),
-    ("transformer.h.{i}.mlp.c_proj.weight", "down.w", "conv1d"),
+    ("transformer.h.{i}.mlp.c_proj.weight", "down.w", conv1d),
     ("transformer.h.{i}.mlp.c_proj.bias", "down.b"),
 )
 

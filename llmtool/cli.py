@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from llmtool.architectures import ARCHITECTURES
 from llmtool.errors import LlmToolError
 
 app = typer.Typer(
@@ -117,8 +118,7 @@ def convert(
     model_type: Annotated[
         str | None,
         typer.Option(
-            help="Architecture: GEMMA_2B, GEMMA_7B, PHI_2, FALCON_RW_1B, "
-            "STABLELM_4E1T_3B, GPT2, LLAMA, QWEN2."
+            help=f"Architecture: {', '.join(ARCHITECTURES)}."
         ),
     ] = None,
     input_ckpt: Annotated[
@@ -274,7 +274,7 @@ def export(
     json_out: JsonOpt = False,
 ) -> None:
     """Export a converted model as a TFLite graph with prefill/decode signatures."""
-    from llmtool.export import ExportOptions, export_graph
+    from llmtool.pipelines.export import ExportOptions, export_graph
 
     with ProgressBar("exporting", enabled=not json_out) as bar:
         summary = export_graph(model, output, ExportOptions(max_seq_len, prefill_len), bar)
@@ -332,7 +332,8 @@ def run(
     ] = False,
 ) -> None:
     """Generate text from a prompt with a converted model on the LiteRT interpreter."""
-    from llmtool.runtime.inference import LlmInference, LlmInferenceOptions, SafetyFilter
+    from llmtool.pipelines.run import run as run_prompt
+    from llmtool.runtime.inference import LlmInferenceOptions, SafetyFilter
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -346,7 +347,6 @@ def run(
         num_threads=num_threads,
         safety_filter=SafetyFilter.from_file(safety_filter).words if safety_filter else [],
     )
-    llm = LlmInference.create_from_options(options)
     streaming = stream and not json_out
 
     def show(piece: str, done: bool) -> None:
@@ -355,7 +355,7 @@ def run(
 
     if streaming and sys.stdout.isatty():
         out.print(prompt, style="dim", end="", highlight=False, markup=False)
-    result = llm.generate(prompt, listener=show if streaming else None)
+    result = run_prompt(options, prompt, listener=show if streaming else None)
     if json_out:
         print_json(result.as_dict())
         return

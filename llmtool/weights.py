@@ -11,16 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmtool.architectures import (
-    ROLE_KIND,
-    ROLE_NAMES,
-    Architecture,
-    ModelSpec,
-    role_name,
-    role_shape,
-)
+from llmtool.architectures import TRANSPOSED, Architecture, Transform
 from llmtool.checkpoint import Checkpoint
 from llmtool.errors import LlmToolError
+from llmtool.spec import ROLE_KIND, ROLE_NAMES, ModelSpec, role_name, role_shape
 
 _ROLE_ORDER = {role: i for i, role in enumerate(ROLE_NAMES)}
 
@@ -34,14 +28,12 @@ class PlannedTensor:
     kind: str  # "embedding" | "attention" | "feedforward" | "float" (norms, biases, positions)
     source: str  # checkpoint tensor name
     piece: int  # which part of a fused tensor
-    transform: str | None
+    transform: Transform | None  # the table's transform of the source tensor
 
 
-def _split_sizes(spec: ModelSpec) -> list[int]:
-    return [spec.q_dim, spec.kv_dim, spec.kv_dim]
-
-
-def _source_shape(spec: ModelSpec, rule_roles: tuple[str, ...], transform: str | None) -> tuple:
+def _source_shape(
+    spec: ModelSpec, rule_roles: tuple[str, ...], transform: Transform | None
+) -> tuple:
     """The shape the checkpoint tensor must have for this rule."""
     shapes = [role_shape(spec, r) for r in rule_roles]
     if len(shapes) > 1:  # fused rows
@@ -49,7 +41,7 @@ def _source_shape(spec: ModelSpec, rule_roles: tuple[str, ...], transform: str |
         shape = (rows, *shapes[0][1:])
     else:
         shape = shapes[0]
-    if transform in ("conv1d", "conv1d_split3"):
+    if transform in TRANSPOSED:
         shape = tuple(reversed(shape))
     return shape
 
@@ -155,17 +147,5 @@ class WeightLoader:
             raise AssertionError(f"{t.name}: produced {out.shape}, planned {t.shape}")
         return out
 
-    def _pieces(self, x: np.ndarray, transform: str | None) -> list[np.ndarray]:
-        spec = self.spec
-        if transform in ("conv1d", "conv1d_split3"):
-            x = np.ascontiguousarray(x.T)
-        if transform in ("split3", "conv1d_split3"):
-            q, k, _ = _split_sizes(spec)
-            return [np.ascontiguousarray(p) for p in np.split(x, [q, q + k], axis=0)]
-        if transform == "falcon_qkv":
-            rest = x.shape[1:]
-            fused = x.reshape(spec.num_heads, 3, spec.head_dim, *rest)
-            return [np.ascontiguousarray(fused[:, j].reshape(spec.q_dim, *rest)) for j in range(3)]
-        if transform not in (None, "conv1d"):
-            raise AssertionError(f"unknown transform {transform}")
-        return [x]
+    def _pieces(self, x: np.ndarray, transform: Transform | None) -> list[np.ndarray]:
+        return [x] if transform is None else transform(x, self.spec)

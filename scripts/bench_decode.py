@@ -62,7 +62,7 @@ def work_convert(ckpt: str, out: str, quantization: str) -> dict:
 
 
 def work_export(container: str, out: str, max_seq_len: int, prefill_len: int) -> dict:
-    from llmtool.export import ExportOptions, export_graph
+    from llmtool.pipelines.export import ExportOptions, export_graph
 
     options = ExportOptions(max_seq_len=max_seq_len, prefill_len=prefill_len)
     return export_graph(container, out, options)
@@ -225,14 +225,11 @@ def log(message: str) -> None:
 
 def prepare_ours(args: argparse.Namespace, ckpt: Path, with_bundle: bool) -> dict[str, dict]:
     """Container, graph and (for LiteRT-LM) .task bundle per precision."""
-    from llmtool.formats import metadata as keys
-    from llmtool.formats.llm_params import decode_llm_parameters, encode_llm_parameters
-    from llmtool.formats.task_bundle import write_task_bundle
-    from llmtool.formats.tflite_model import read_model
+    from llmtool.formats.task_bundle import write_task_bundle_from_graph
 
     S = args.prompt_tokens + args.decode_tokens + 16
     unused = ("runtime/", "cli.py", "__main__.py", "pipelines/evaluate.py", "pipelines/inspect.py")
-    ckey = source_key(skip=("export.py", *unused))
+    ckey = source_key(skip=("decoder.py", "pipelines/export.py", *unused))
     gkey = source_key(S, args.prompt_tokens, skip=unused)
     files: dict[str, dict] = {}
     for q in PRECISIONS:
@@ -256,18 +253,7 @@ def prepare_ours(args: argparse.Namespace, ckpt: Path, with_bundle: bool) -> dic
                 }
             )
         if with_bundle and not bundle.is_file():
-            import sentencepiece as spm
-
-            tokenizer = (ckpt / "tokenizer.model").read_bytes()
-            sp = spm.SentencePieceProcessor(model_proto=tokenizer)
-            # The graph keeps the container's LlmParameters; fall back to the SentencePiece
-            # model's own BOS/EOS when it names none.
-            ref = decode_llm_parameters(read_model(graph).metadata[keys.LLM_PARAMETERS])
-            params = {
-                "start_token": ref.get("start_token") or sp.id_to_piece(sp.bos_id()),
-                "stop_tokens": ref.get("stop_tokens") or [sp.id_to_piece(sp.eos_id())],
-            }
-            write_task_bundle(bundle, graph, tokenizer, encode_llm_parameters(params))
+            write_task_bundle_from_graph(bundle, graph)
         files[q] = {"graph": graph, "bundle": bundle, "gb": graph.stat().st_size / 1e9}
     for old in args.work.glob("llmtool-*"):  # files made by older sources or other settings
         if ckey not in old.name and gkey not in old.name:

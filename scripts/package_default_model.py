@@ -27,7 +27,7 @@ import train_default_model as training  # noqa: E402
 from llmtool.config import ConversionConfig  # noqa: E402
 from llmtool.pipelines.convert import convert  # noqa: E402
 from llmtool.pipelines.evaluate import evaluate  # noqa: E402
-from llmtool.runtime.graphs import file_digest  # noqa: E402
+from llmtool.pipelines.resolve import file_digest  # noqa: E402
 
 DATA = ROOT / "llmtool" / "data"
 MAX_BYTES = 25 * 1024 * 1024

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmtool.errors import LlmToolError
-from llmtool.export import ExportOptions, export_graph
+from llmtool.pipelines.export import ExportOptions, export_graph
 from llmtool.runtime.compiled_engine import CompiledEngine, weight_cache_file
 from llmtool.runtime.engine import Engine
 

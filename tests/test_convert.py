@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from llmtool.architectures import ARCHITECTURES, ModelSpec, get_architecture
+from llmtool.architectures import ARCHITECTURES, get_architecture
 from llmtool.checkpoint import Checkpoint
 from llmtool.config import ConversionConfig
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
 from llmtool.pipelines.convert import convert
+from llmtool.spec import ModelSpec
 from llmtool.weights import WeightLoader, plan_weights
 from tests.tiny_models import MODEL_TYPES, load_reference
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmtool.pipelines.evaluate import evaluate
-from llmtool.runtime.graphs import DEFAULT_MODEL
+from llmtool.pipelines.resolve import DEFAULT_MODEL
 
 EXCERPT = Path(__file__).parent / "data" / "heldout_excerpt.txt"  # from a held-out chapter
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import torch
 
-from llmtool.export import ExportOptions, export_graph
 from llmtool.pipelines.evaluate import evaluate
+from llmtool.pipelines.export import ExportOptions, export_graph
 from llmtool.tokenizer import Tokenizer, read_tokenizer_files
 from tests.tiny_models import reference_logits
 

@@ -13,8 +13,8 @@ import pytest
 
 from llmtool import LlmInference, LlmInferenceOptions
 from llmtool.errors import LlmToolError
-from llmtool.export import ExportOptions, export_graph
 from llmtool.formats.tflite_model import read_model
+from llmtool.pipelines.export import ExportOptions, export_graph
 from tests.tiny_models import MODEL_TYPES, reference_greedy, reference_logits
 
 RNG = np.random.default_rng(1234)

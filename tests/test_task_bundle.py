@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from llmtool.errors import LlmToolError
-from llmtool.export import ExportOptions, export_graph
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters, encode_llm_parameters
@@ -19,7 +18,9 @@ from llmtool.formats.task_bundle import (
     read_task_bundle,
     task_bundle_entries,
     write_task_bundle,
+    write_task_bundle_from_graph,
 )
+from llmtool.pipelines.export import ExportOptions, export_graph
 
 PARAMS = encode_llm_parameters({"start_token": "<bos>", "stop_tokens": ["<eos>"]})
 
@@ -37,6 +38,13 @@ def gemma(converted, tmp_path_factory) -> tuple[Path, bytes, bytes]:
         {"start_token": ref["start_token"], "stop_tokens": ref["stop_tokens"]}
     )
     return graph, files["tokenizer.model"], params
+
+
+def test_bundle_from_graph_equals_the_hand_assembled_one(gemma, tmp_path):
+    graph, tokenizer, params = gemma
+    by_hand = write_task_bundle(tmp_path / "a.task", graph, tokenizer, params)
+    from_graph = write_task_bundle_from_graph(tmp_path / "b.task", graph)
+    assert from_graph.read_bytes() == by_hand.read_bytes()
 
 
 def fake_tflite(path: Path, size: int) -> Path:
@@ -140,8 +148,8 @@ def test_litert_lm_runs_the_bundle(gemma, tmp_path):
 
     from llmtool.runtime.engine import Engine
 
-    graph, tokenizer, params = gemma
-    bundle = write_task_bundle(tmp_path / "gemma.task", graph, tokenizer, params)
+    graph, tokenizer, _ = gemma
+    bundle = write_task_bundle_from_graph(tmp_path / "gemma.task", graph)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     theirs = litert_lm.Engine(
         str(bundle),

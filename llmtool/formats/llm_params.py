@@ -14,6 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.message import DecodeError
 
 from llmtool.errors import LlmToolError
+from llmtool.spec import ModelSpec
 
 _PKG = "odml.infra.proto"
 _F = descriptor_pb2.FieldDescriptorProto
@@ -193,3 +194,48 @@ def decode_llm_parameters(data: bytes) -> dict[str, Any]:
     except (DecodeError, TypeError, ValueError) as e:
         raise LlmToolError(f"invalid LlmParameters: corrupt protobuf ({e})") from e
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def llm_parameters(spec: ModelSpec, tokenizer_info: dict[str, Any]) -> dict[str, Any]:
+    """The reference LlmParameters record of a model, filled from its real spec and tokenizer
+    (`Tokenizer.info()`), not from per-model-type constants as the reference does."""
+    norm = {"rms": "RMS_NORM", "layer": "LAYER_NORM"}[spec.norm]
+    act = {"gelu": "GELU", "gelu_tanh": "GELU", "silu": "SILU", "relu": "RELU"}[spec.activation]
+    info = tokenizer_info
+    params: dict[str, Any] = {
+        "transformer_parameters": {
+            "batch_size": 1,
+            "max_seq_length": spec.max_positions,
+            "embedding_dim": spec.hidden_size,
+            "hidden_dimension": spec.intermediate_size,
+            "head_dimension": spec.head_dim,
+            "num_heads": spec.num_heads,
+            "num_stacks": spec.num_layers,
+            "num_kv_heads": spec.num_kv_heads,
+            "pre_norm": norm,
+            "post_norm": "NO_NORM",
+            "final_norm": norm,
+            "feed_forward_parameters": {
+                "no_bias": not spec.mlp_bias,
+                "activation": act,
+                "pre_norm": "NO_NORM" if spec.parallel_residual else norm,
+                "post_norm": "NO_NORM",
+            },
+            "final_project_parameters": {"no_bias": not spec.lm_head_bias},
+            "self_attention_parameters": {
+                "qkv_no_bias": not spec.qkv_bias,
+                "post_proj_no_bias": not spec.attn_out_bias,
+                "attention_mask_type": "CAUSAL",
+                "attention_scale_type": "SCALE_TYPE_INV_SQRT_HEAD_DIM",
+            },
+            "skip_absolute_positional_embeddings": not spec.learned_positions,
+        },
+        "vocab_size": spec.vocab_size,
+        "stop_tokens": [t for t in info.get("stop_tokens", []) if t],
+    }
+    # start_token and start_token_id are a oneof in the reference proto: prefer the string.
+    if info.get("bos_token"):
+        params["start_token"] = info["bos_token"]
+    elif info.get("bos_id") is not None:
+        params["start_token_id"] = int(info["bos_id"])
+    return params

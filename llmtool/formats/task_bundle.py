@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtool.errors import LlmToolError
-from llmtool.formats.llm_params import decode_llm_parameters
+from llmtool.formats import metadata as keys
+from llmtool.formats.llm_params import decode_llm_parameters, encode_llm_parameters
+from llmtool.formats.tflite_model import read_model
 
 TFLITE_ENTRY = "TF_LITE_PREFILL_DECODE"
 TOKENIZER_ENTRY = "TOKENIZER_MODEL"
@@ -106,6 +108,33 @@ def write_task_bundle(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_task_bundle_from_graph(
+    path: str | Path,
+    graph: str | Path,
+    start_token: str | None = None,
+    stop_tokens: list[str] | None = None,
+) -> Path:
+    """A `.task` of an llmtool graph: its SentencePiece tokenizer, and start/stop tokens from
+    its LlmParameters (else the SentencePiece model's own BOS/EOS) unless given."""
+    with read_model(graph) as model:
+        files = keys.unpack_tokenizer(model.metadata)
+        params = model.metadata.get(keys.LLM_PARAMETERS)
+    tokenizer = files.get("tokenizer.model")
+    if tokenizer is None:
+        raise LlmToolError("the graph carries no SentencePiece tokenizer for a .task", graph)
+    ref = decode_llm_parameters(params) if params else {}
+    if start_token is None or stop_tokens is None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_proto=tokenizer)
+        if start_token is None:
+            start_token = ref.get("start_token") or sp.id_to_piece(sp.bos_id())
+        if stop_tokens is None:
+            stop_tokens = ref.get("stop_tokens") or [sp.id_to_piece(sp.eos_id())]
+    metadata = encode_llm_parameters({"start_token": start_token, "stop_tokens": stop_tokens})
+    return write_task_bundle(path, graph, tokenizer, metadata)
 
 
 def task_bundle_entries(path: str | Path) -> dict[str, BundleEntry]:

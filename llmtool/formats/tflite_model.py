@@ -632,6 +632,11 @@ class ModelFile:
     buffers: list[BufferInfo]
     _data: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def is_graph(self) -> bool:
+        """True for an exported graph, False for a weights container (no operators)."""
+        return any(sg.operators for sg in self.subgraphs)
+
     def signature(self, key: str) -> Signature:
         for s in self.signatures:
             if s.key == key:

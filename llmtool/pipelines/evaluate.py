@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import LlmToolError
-from llmtool.runtime.inference import LlmInference, LlmInferenceOptions
+from llmtool.pipelines.run import LlmInference
+from llmtool.runtime.inference import LlmInferenceOptions
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

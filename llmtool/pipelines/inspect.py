@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.architectures import ModelSpec
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
 from llmtool.formats.tflite_model import read_model
+from llmtool.spec import ModelSpec
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_CARD = Path(__file__).resolve().parent.parent / "data" / "default_model.json"
@@ -20,7 +20,7 @@ DEFAULT_CARD = Path(__file__).resolve().parent.parent / "data" / "default_model.
 
 def describe_default() -> dict[str, Any]:
     """The embedded default model: where it is, what it is, and its model card facts."""
-    from llmtool.runtime.graphs import default_model_path, file_digest
+    from llmtool.pipelines.resolve import default_model_path, file_digest
 
     path = default_model_path()
     info = describe(path)
@@ -55,7 +55,7 @@ def describe_graph(path: Path) -> dict[str, Any]:
 
 def describe(path: Path) -> dict[str, Any]:
     with read_model(path) as m:
-        graph = any(sg.operators for sg in m.subgraphs)
+        graph = m.is_graph
     if graph:
         return describe_graph(path)
     with Container.open(path) as c:

@@ -1,4 +1,4 @@
-"""Engine's prefill/decode/reset on LiteRT's CompiledModel API (prototype, same interface).
+"""The engine `run` uses: prefill/decode/reset on LiteRT's CompiledModel API.
 
 Differences from the classic-interpreter Engine, and why:
 
@@ -33,7 +33,12 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import LlmToolError
-from llmtool.runtime.engine import EngineBase, native_stderr_captured
+from llmtool.runtime.engine import (
+    STEP_INPUTS,
+    EngineBase,
+    discover_signatures,
+    native_stderr_captured,
+)
 
 
 def weight_cache_dir() -> Path:
@@ -188,37 +193,22 @@ class CompiledEngine(EngineBase):
     def _setup(self, model: Any) -> None:
         """Signatures, shapes and every buffer (LiteRT logs its set-up on the first write)."""
         sigs = model.get_signature_list()
-        if "decode" not in sigs:
-            raise LlmToolError("graph has no 'decode' signature", self.path)
+        io = {key: (v["inputs"], v["outputs"]) for key, v in sigs.items()}
+        self._lengths, self.cache_names = discover_signatures(self.path, io)
         details = model.get_input_tensor_details("decode")
-        self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
         self.cache_shapes = {n: tuple(map(int, details[n]["shape"])) for n in self.cache_names}
-        k0 = self.cache_shapes.get("kv_cache_k_0")
-        if k0 is None:
-            raise LlmToolError("graph has no KV cache inputs", self.path)
-        self.max_seq_len = int(k0[2])
+        self.max_seq_len = int(self.cache_shapes["kv_cache_k_0"][2])
         self.vocab_size = int(model.get_output_tensor_details("decode")["logits"]["shape"][-1])
         create_in = model.create_input_buffer_by_name
         hold = self._native.hold
         self._caches = hold({n: create_in("decode", n) for n in self.cache_names})
         self._sigs: dict[str, _Signature] = {}
-        for key, io in sigs.items():
-            m = re.fullmatch(r"prefill_(\d+)", key)
-            if key != "decode" and not m:
-                continue
-            missing = ({"tokens", "input_pos", "mask", *self.cache_names} - set(io["inputs"])) | (
-                {"logits", *self.cache_names} - set(io["outputs"])
-            )
-            if missing:
-                raise LlmToolError(
-                    f"signature {key!r} lacks {', '.join(sorted(missing))}", self.path
-                )
-            ins = hold({n: create_in(key, n) for n in ("tokens", "input_pos", "mask")})
+        for key, length in self._lengths.items():
+            ins = hold({n: create_in(key, n) for n in STEP_INPUTS})
             outs = hold({"logits": model.create_output_buffer_by_name(key, "logits")})
             ins.update(self._caches)  # the same buffers in and out: updated in place
             outs.update(self._caches)
-            self._sigs[key] = _Signature(key, int(m.group(1)) if m else 1, ins, outs)
-        self._lengths = {k: sig.length for k, sig in self._sigs.items()}
+            self._sigs[key] = _Signature(key, length, ins, outs)
         self._zeroed = False
         self._zero_cache()
 

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,19 +69,68 @@ class _Signature:
     outputs: dict[str, int]
 
 
+STEP_INPUTS = ("tokens", "input_pos", "mask")
+
+
+def discover_signatures(
+    path: Path, io: dict[str, tuple[Iterable[str], Iterable[str]]]
+) -> tuple[dict[str, int], list[str]]:
+    """The runnable signatures of a graph (key -> tokens per call) and its KV-cache names.
+
+    `io` maps every signature key to its (input names, output names). Runnable are `decode`
+    (one token) and `prefill_<T>` (T tokens); each must take the step inputs and the caches and
+    return `logits` and the caches. Other signatures are ignored.
+    """
+    if "decode" not in io:
+        raise LlmToolError("graph has no 'decode' signature", path)
+    cache_names = sorted(n for n in io["decode"][0] if n.startswith("kv_cache_"))
+    if "kv_cache_k_0" not in cache_names:
+        raise LlmToolError("graph has no KV cache inputs", path)
+    lengths: dict[str, int] = {}
+    for key, (inputs, outputs) in io.items():
+        m = re.fullmatch(r"prefill_(\d+)", key)
+        if key != "decode" and not m:
+            continue
+        missing = ({*STEP_INPUTS, *cache_names} - set(inputs)) | (
+            {"logits", *cache_names} - set(outputs)
+        )
+        if missing:
+            raise LlmToolError(f"signature {key!r} lacks {', '.join(sorted(missing))}", path)
+        lengths[key] = int(m.group(1)) if m else 1
+    return lengths, cache_names
+
+
 class EngineBase:
     """Prefill chunking and decoding over a graph's `prefill_<T>` / `decode` signatures.
 
-    Subclasses bind a runtime: `_lengths` (signature -> tokens per call), `max_seq_len`,
-    `pos`, and `_run(key, tokens, pos, want_logits)` for one call.
+    The contract every engine fulfils: `path`, `vocab_size`, `max_seq_len` (the KV cache
+    length), `pos` (tokens in the cache), `reset()`, `close()`, and `_run(key, tokens, pos,
+    want_logits)` for one call of one signature, whose lengths are in `_lengths`. Engines are
+    context managers (closed on exit).
     """
 
+    path: Path
+    vocab_size: int
     max_seq_len: int
     pos: int
     _lengths: dict[str, int]
 
     def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the conversation: the next prefill starts at position 0."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the runtime's model and buffers now (also done when collected)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> EngineBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def causal_rows(self, pos: int, length: int) -> np.ndarray:
         """Additive mask rows [length, S] for queries at pos..: 0 where a key is visible.
@@ -138,8 +187,6 @@ class EngineBase:
 class Engine(EngineBase):
     """The classic Interpreter API (kept for tflite_runtime installs without CompiledModel)."""
 
-    """Run prefill/decode signatures of one graph, keeping the KV cache between calls."""
-
     def __init__(self, graph_path: str | Path, num_threads: int | None = None):
         Interpreter = load_interpreter_class()
         self.path = Path(graph_path)
@@ -151,31 +198,23 @@ class Engine(EngineBase):
             detail = (str(exc) or captured.text()).strip().splitlines()
             reason = detail[0] if detail else type(exc).__name__
             raise LlmToolError(f"LiteRT cannot load this graph ({reason})", self.path) from None
-        sigs = self.interpreter.get_signature_list()
         self._wrapper = self.interpreter._interpreter  # the pybind wrapper: zero-copy views
+        runners = {
+            key: self.interpreter.get_signature_runner(key)
+            for key in self.interpreter.get_signature_list()
+        }
+        io = {key: (r.get_input_details(), r.get_output_details()) for key, r in runners.items()}
+        self._lengths, self.cache_names = discover_signatures(self.path, io)
         self._sigs: dict[str, _Signature] = {}
-        for key in sigs:
-            runner = self.interpreter.get_signature_runner(key)
-            m = re.fullmatch(r"prefill_(\d+)", key)
-            if key != "decode" and not m:
-                continue
-            ins = {n: d["index"] for n, d in runner.get_input_details().items()}
-            outs = {n: d["index"] for n, d in runner.get_output_details().items()}
-            length = int(m.group(1)) if m else 1
+        for key, length in self._lengths.items():
+            ins = {n: d["index"] for n, d in io[key][0].items()}
+            outs = {n: d["index"] for n, d in io[key][1].items()}
             sub = self._wrapper.GetSubgraphIndexFromSignature(key)
             self._sigs[key] = _Signature(key, length, sub, ins, outs)
-        if "decode" not in self._sigs:
-            raise LlmToolError("graph has no 'decode' signature", self.path)
-        self._lengths = {k: sig.length for k, sig in self._sigs.items()}
-        decode = self.interpreter.get_signature_runner("decode")
-        details = decode.get_input_details()
-        self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
+        details = io["decode"][0]
         self.cache_shapes = {n: tuple(details[n]["shape"]) for n in self.cache_names}
-        k0 = self.cache_shapes.get("kv_cache_k_0")
-        if k0 is None:
-            raise LlmToolError("graph has no KV cache inputs", self.path)
-        self.max_seq_len = int(k0[2])
-        self.vocab_size = int(decode.get_output_details()["logits"]["shape"][-1])
+        self.max_seq_len = int(self.cache_shapes["kv_cache_k_0"][2])
+        self.vocab_size = int(io["decode"][1]["logits"]["shape"][-1])
         with native_stderr_captured():  # the delegate announces itself here
             for sig in self._sigs.values():
                 self._wrapper.AllocateTensors(sig.subgraph)
@@ -186,6 +225,10 @@ class Engine(EngineBase):
         """Forget the conversation (the cache is zeroed lazily on next use)."""
         self._holder = None
         self.pos = 0
+
+    def close(self) -> None:
+        self._sigs.clear()
+        self.interpreter = self._wrapper = None  # type: ignore[assignment]
 
     def _view(self, sig: _Signature, name: str, output: bool = False) -> np.ndarray:
         index = (sig.outputs if output else sig.inputs)[name]

@@ -1,7 +1,8 @@
-"""LlmInference: the generation loop, streaming, listeners and the safety filter.
+"""The generation loop over one exported graph: streaming, listeners and the safety filter.
 
-Mirrors the reference LLM Inference API: `LlmInference.create_from_options(options)`, then
-`generate_response(prompt)` or `generate_response_async(prompt)` with a result listener.
+`InferenceSession` runs a graph it is given (with its tokenizer). The public `LlmInference`
+(pipelines/run.py) adds the reference API's constructors, which first resolve a model file
+into a graph: the runtime itself never exports or reads checkpoints.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import numpy as np
 
 from llmtool.errors import LlmToolError
 from llmtool.runtime.engine import Engine, EngineBase
-from llmtool.runtime.graphs import resolve_graph
-from llmtool.runtime.sampler import Sampler
+from llmtool.runtime.sampler import Sampler, validate_sampling
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 512
@@ -48,10 +48,7 @@ class LlmInferenceOptions:
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise LlmToolError(f"max tokens must be at least 2 (got {self.max_tokens})")
-        if self.top_k < 1:
-            raise LlmToolError(f"top-k must be at least 1 (got {self.top_k})")
-        if not (self.temperature >= 0):
-            raise LlmToolError(f"temperature must be >= 0 (got {self.temperature})")
+        validate_sampling(self.top_k, self.temperature)
         if self.lora_path is not None:
             raise LlmToolError("LoRA weights are not supported by this version yet", self.lora_path)
 
@@ -121,8 +118,9 @@ def open_engine(graph_path: Path, num_threads: int | None) -> EngineBase:
     return CompiledEngine(graph_path, num_threads)
 
 
-class LlmInference:
-    """Generate text with a converted model on the LiteRT interpreter."""
+class InferenceSession:
+    """Generate text with one exported graph on LiteRT (see pipelines/run.py's LlmInference
+    for opening a model file by name)."""
 
     def __init__(
         self,
@@ -141,14 +139,16 @@ class LlmInference:
         self._lock = threading.Lock()
 
     @classmethod
-    def create_from_options(cls, options: LlmInferenceOptions) -> LlmInference:
+    def from_graph(
+        cls, graph_path: Path, tokenizer: Tokenizer, options: LlmInferenceOptions
+    ) -> InferenceSession:
+        """Open an engine on the graph; max tokens defaults to 512 capped at its KV cache."""
         options.validate()
-        requested = options.max_tokens or DEFAULT_MAX_TOKENS
-        graph_path, tokenizer = resolve_graph(options.model_path, requested)
         engine = open_engine(graph_path, options.num_threads)
         if options.max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, engine.max_seq_len)
         elif options.max_tokens > engine.max_seq_len:
+            engine.close()
             raise LlmToolError(
                 f"max tokens {options.max_tokens} exceeds what this model handles "
                 f"({engine.max_seq_len} tokens: its context length or the graph's KV cache)",
@@ -158,15 +158,23 @@ class LlmInference:
             max_tokens = options.max_tokens
         window = options.context_window
         if window is not None and not 1 <= window < max_tokens:
+            engine.close()
             raise LlmToolError(
                 f"context window must be between 1 and max tokens - 1 ({max_tokens - 1}), "
                 f"got {window}"
             )
         return cls(options, engine, tokenizer, graph_path, max_tokens)
 
-    @classmethod
-    def create_from_model_file(cls, model_path: str) -> LlmInference:
-        return cls.create_from_options(LlmInferenceOptions(model_path=model_path))
+    def close(self) -> None:
+        """Release the engine now (also done when the session is collected)."""
+        with self._lock:
+            self.engine.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- the reference API --------------------------------------------------------------------
 

@@ -7,14 +7,19 @@ import numpy as np
 from llmtool.errors import LlmToolError
 
 
+def validate_sampling(top_k: int, temperature: float) -> None:
+    """The one check of sampling options (LlmInferenceOptions and Sampler both use it)."""
+    if top_k < 1:
+        raise LlmToolError(f"top-k must be at least 1 (got {top_k})")
+    if not (temperature >= 0) or not np.isfinite(temperature):
+        raise LlmToolError(f"temperature must be >= 0 (got {temperature})")
+
+
 class Sampler:
     """Same seed + same logits sequence -> same tokens, on every run and machine."""
 
     def __init__(self, top_k: int = 40, temperature: float = 0.8, seed: int = 0):
-        if top_k < 1:
-            raise LlmToolError(f"top-k must be at least 1 (got {top_k})")
-        if temperature < 0 or not np.isfinite(temperature):
-            raise LlmToolError(f"temperature must be >= 0 (got {temperature})")
+        validate_sampling(top_k, temperature)
         self.top_k = int(top_k)
         self.temperature = float(temperature)
         self.rng = np.random.Generator(np.random.PCG64(int(seed) & (2**63 - 1)))

@@ -1,4 +1,4 @@
-"""Container -> TFLite graph: one generic decoder for every architecture in the table.
+"""The one generic decoder: a converted container's weights written as a TFLite graph.
 
 The graph follows the AI Edge / LiteRT-LM convention: signatures `prefill_<T>` (T tokens at a
 time) and `decode` (one token), inputs `tokens` [1,T] int32, `input_pos` [T] int32, `mask`
@@ -9,22 +9,17 @@ updated caches under the input names. Builtin ops only. Weights keep the contain
 signatures share one copy of every weight buffer.
 
 Everything model-specific comes from the ModelSpec: the builder below only asks it questions.
+`pipelines/export.py` drives it (options, files, progress); `build_graph` is the whole entry.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmtool.architectures import ModelSpec, role_name, role_shape
-from llmtool.errors import LlmToolError
-from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.tflite_model import (
     ModelWriter,
@@ -35,12 +30,7 @@ from llmtool.formats.tflite_model import (
     Tensor,
 )
 from llmtool.quantization import pack_int4, unpack_int4
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    max_seq_len: int = 1024  # KV cache length S (clamped to the model's max positions)
-    prefill_len: int = 64  # tokens per prefill call
+from llmtool.spec import ModelSpec, role_name, role_shape
 
 
 class _Weights:
@@ -281,9 +271,8 @@ class _Decoder:
         return cos, sin
 
     def alibi_table(self) -> np.ndarray:
-        """[heads, 1, S] biases, rounded through bfloat16 as transformers' Falcon does."""
-        import torch
-
+        """[heads, 1, S] biases, rounded through bfloat16 as transformers' Falcon does
+        (slopes and positions in bfloat16, their product rounded again)."""
         n = self.spec.num_heads
         closest = 2 ** math.floor(math.log2(n))
         base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
@@ -291,9 +280,9 @@ class _Decoder:
         if closest != n:
             extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
             slopes += [extra**p for p in range(1, 1 + 2 * min(closest, n - closest), 2)]
-        s = torch.tensor(slopes, dtype=torch.float32)[:, None].bfloat16()
-        pos = torch.arange(self.S)[None, :]
-        table = (s * pos).float().numpy() / math.sqrt(self.spec.head_dim)
+        s = _bfloat16(np.asarray(slopes, np.float32))[:, None]
+        pos = _bfloat16(np.arange(self.S, dtype=np.float32))[None, :]
+        table = _bfloat16(s * pos) / np.float32(math.sqrt(self.spec.head_dim))
         return table[:, None, :].astype(np.float32)
 
     # -- building blocks ----------------------------------------------------------------------
@@ -473,61 +462,36 @@ class _Decoder:
         return x
 
 
-# ------------------------------------------------------------------------------------------
+def _bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
 
 
-def is_graph(model: Any) -> bool:
-    """True for an exported graph, False for a weights container (no operators)."""
-    return any(sg.operators for sg in model.subgraphs)
-
-
-def export_graph(
-    container_path: str | Path,
-    output_path: str | Path,
-    options: ExportOptions | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> dict[str, Any]:
-    """Write the prefill/decode graph of a converted container; returns a summary."""
-    options = options or ExportOptions()
-    report = progress or (lambda done, total, what: None)
-    with Container.open(container_path) as c:
-        if keys.MODEL_SPEC not in c.metadata:
-            raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
-        spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC])
-        S = min(options.max_seq_len, spec.max_positions)
-        if S < 2:
-            raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
-        T = max(1, min(options.prefill_len, S))
-        writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
-        weights = _Weights(c, writer)
-        decoder = _Decoder(spec, S)
-        signatures = [(f"prefill_{T}", T), ("decode", 1)]
-        for i, (key, length) in enumerate(signatures):
-            report(i, len(signatures) + 1, f"building {key}")
-            g = _Subgraph(weights)
-            decoder.build(g, length)
-            index = writer.add_subgraph(
-                Subgraph(
-                    name=key,
-                    tensors=g.tensors,
-                    inputs=list(g.inputs.values()),
-                    outputs=list(g.outputs.values()),
-                    operators=g.ops,
-                )
+def build_graph(
+    container: Container,
+    spec: ModelSpec,
+    writer: ModelWriter,
+    signatures: list[tuple[str, int]],
+    seq_len: int,
+    progress: Callable[[int, int, str], None],
+) -> None:
+    """Add one subgraph + signature per (name, tokens per call) to `writer`; weight buffers
+    are shared by all of them."""
+    weights = _Weights(container, writer)
+    decoder = _Decoder(spec, seq_len)
+    for i, (key, length) in enumerate(signatures):
+        progress(i, len(signatures) + 1, f"building {key}")
+        g = _Subgraph(weights)
+        decoder.build(g, length)
+        index = writer.add_subgraph(
+            Subgraph(
+                name=key,
+                tensors=g.tensors,
+                inputs=list(g.inputs.values()),
+                outputs=list(g.outputs.values()),
+                operators=g.ops,
             )
-            writer.add_signature(Signature(key, index, dict(g.inputs), dict(g.outputs)))
-        for name, data in sorted(c.metadata.items()):
-            writer.add_metadata(name, data)
-        graph_info = {"prefill_len": T, "max_seq_len": S, "signatures": [k for k, _ in signatures]}
-        writer.add_metadata(keys.GRAPH, json.dumps(graph_info, sort_keys=True).encode())
-        report(len(signatures), len(signatures) + 1, "writing")
-        output = Path(output_path)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        writer.write(output)
-        report(len(signatures) + 1, len(signatures) + 1, "done")
-    return {
-        "output": str(output),
-        "output_bytes": output.stat().st_size,
-        "model_type": spec.model_type,
-        **graph_info,
-    }
+        )
+        writer.add_signature(Signature(key, index, dict(g.inputs), dict(g.outputs)))

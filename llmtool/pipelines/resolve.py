@@ -1,4 +1,7 @@
-"""Which graph `run` executes: a .tflite as given, or a container exported once into a cache.
+"""Which graph a model file runs as: a .tflite as given, or a container exported once into a cache.
+
+The runtime only executes graphs; this pipeline turns what a user names (a converted .bin, an
+exported .tflite, or nothing: the embedded default model) into a graph and its tokenizer.
 
 Containers (.bin) are exported on first use to `$LLMTOOL_CACHE_DIR` (default
 ~/.cache/llmtool/graphs), keyed by the container's content hash and the export settings, so a
@@ -11,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from llmtool import __version__
+from llmtool._version import __version__
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.tflite_model import read_model
@@ -40,14 +43,15 @@ def file_digest(path: Path) -> str:
 
 def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path, Tokenizer]:
     """The graph to run for a model file, exporting (and caching) containers as needed."""
-    from llmtool.export import ExportOptions, export_graph, is_graph
+    # Imported here: a run of an exported or cached graph never loads the exporter.
+    from llmtool.pipelines.export import ExportOptions, export_graph
 
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_file():
         raise LlmToolError("model file not found", path)
     with read_model(path) as model:
         files = keys.unpack_tokenizer(model.metadata)
-        graph = is_graph(model)
+        graph = model.is_graph
     if not files:
         raise LlmToolError("the model carries no tokenizer (was it written by llmtool?)", path)
     tokenizer = Tokenizer.from_files(files)

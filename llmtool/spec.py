@@ -1,0 +1,140 @@
+"""The generic vocabulary: what a model is, whatever its family.
+
+`ModelSpec` holds the hyperparameters of one checkpoint; the generic decoder is parameterised by
+it and never asks for the model's name. Tensor *roles* ("q.w", "mlp_norm.w", ...) name the
+weights of that decoder; `role_name` gives a role's name in the converted container and
+`role_shape` its shape. The table of families (architectures.py) maps checkpoints onto these.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+# --------------------------------------------------------------------------------------------
+# The generic model description
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the generic decoder needs to know about one checkpoint."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    norm_offset: float  # RMSNorm computes x * (offset + w); Gemma stores w - 1 (offset 1.0)
+    activation: str  # "gelu_tanh" | "gelu" | "silu" | "relu"
+    gated_mlp: bool  # down(act(gate(x)) * up(x)) instead of down(act(up(x)))
+    rotary_dims: int  # leading dims of each head that get rotary embeddings; 0 = none
+    rope_theta: float
+    alibi: bool  # Falcon-RW / BLOOM linear attention biases
+    learned_positions: bool  # GPT-2 absolute position table
+    parallel_residual: bool  # x + attn(norm(x)) + mlp(norm(x)) with one norm (Phi-2, GPT-J)
+    embedding_scale: float  # Gemma multiplies embeddings by sqrt(hidden_size)
+    tied_embeddings: bool  # output layer reuses the token embedding
+    qkv_bias: bool
+    attn_out_bias: bool
+    mlp_bias: bool
+    norm_bias: bool  # LayerNorm with a bias term
+    lm_head_bias: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ModelSpec:
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
+        return cls(**raw)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Roles of tensors in the generic decoder, and their names in the converted container.
+# The names follow the MediaPipe converter's (reference-formats.md), so files read alike.
+
+LAYER = "params.lm.transformer.x_layers_{i}."
+
+ROLE_NAMES: dict[str, str] = {
+    "embed": "params.lm.token_embedding.w",
+    "pos_embed": "params.lm.position_embedding.w",
+    "final_norm.w": "params.lm.final_ln.scale",
+    "final_norm.b": "params.lm.final_ln.bias",
+    "lm_head.w": "params.lm.softmax.logits_ffn.w",
+    "lm_head.b": "params.lm.softmax.logits_ffn.b",
+    "attn_norm.w": LAYER + "pre_layer_norm.scale",
+    "attn_norm.b": LAYER + "pre_layer_norm.bias",
+    "q.w": LAYER + "self_attention.q.w",
+    "q.b": LAYER + "self_attention.q.b",
+    "k.w": LAYER + "self_attention.k.w",
+    "k.b": LAYER + "self_attention.k.b",
+    "v.w": LAYER + "self_attention.v.w",
+    "v.b": LAYER + "self_attention.v.b",
+    "o.w": LAYER + "self_attention.post.w",
+    "o.b": LAYER + "self_attention.post.b",
+    "mlp_norm.w": LAYER + "ff_layer.pre_layer_norm.scale",
+    "mlp_norm.b": LAYER + "ff_layer.pre_layer_norm.bias",
+    "gate.w": LAYER + "ff_layer.ffn_layer1_gate.w",
+    "up.w": LAYER + "ff_layer.ffn_layer1.w",
+    "up.b": LAYER + "ff_layer.ffn_layer1.b",
+    "down.w": LAYER + "ff_layer.ffn_layer2.w",
+    "down.b": LAYER + "ff_layer.ffn_layer2.b",
+}
+
+# Which quantization knob a role's weight follows ("norm" roles always stay float32).
+ROLE_KIND: dict[str, str] = {
+    "embed": "embedding",
+    "lm_head.w": "embedding",
+    **{f"{r}.w": "attention" for r in ("q", "k", "v", "o")},
+    **{f"{r}.w": "feedforward" for r in ("gate", "up", "down")},
+}
+
+
+def role_name(role: str, layer: int | None = None) -> str:
+    """Container tensor name of a role (layer index for per-layer roles)."""
+    template = ROLE_NAMES[role]
+    return template.format(i=layer) if "{i}" in template else template
+
+
+def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
+    """Shape of a role's tensor in the container (linear weights are [out, in], as in HF)."""
+    h, f = spec.hidden_size, spec.intermediate_size
+    base = role.split(".")[0]
+    out_in = {
+        "q": (spec.q_dim, h),
+        "k": (spec.kv_dim, h),
+        "v": (spec.kv_dim, h),
+        "o": (h, spec.q_dim),
+        "gate": (f, h),
+        "up": (f, h),
+        "down": (h, f),
+        "lm_head": (spec.vocab_size, h),
+    }
+    if role == "embed":
+        return (spec.vocab_size, h)
+    if role == "pos_embed":
+        return (spec.max_positions, h)
+    if base in ("attn_norm", "mlp_norm", "final_norm"):
+        return (h,)
+    if role.endswith(".w"):
+        return out_in[base]
+    return (out_in[base][0],)  # bias
