@@ -34,6 +34,11 @@ def split_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
     return [np.ascontiguousarray(p) for p in np.split(x, [q, q + k], axis=0)]
 
 
+def split_halves(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """Rows [gate; up] stacked along axis 0 (Phi-3's gate_up_proj)."""
+    return [np.ascontiguousarray(p) for p in np.split(x, 2, axis=0)]
+
+
 def falcon_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
     """Falcon-RW's fused rows, interleaved per head: [heads, (q, k, v), head_dim, ...]."""
     rest = x.shape[1:]
@@ -98,7 +103,7 @@ def _linear(prefix: str, role: str, bias_flag: str) -> tuple[tuple, ...]:
     )
 
 
-LLAMA_STYLE_RULES = _rules(
+LLAMA_STYLE_RULES_ITEMS = (
     ("model.embed_tokens.weight", "embed"),
     ("model.norm.weight", "final_norm.w"),
     ("lm_head.weight", "lm_head.w", None, _untied, True),
@@ -111,6 +116,50 @@ LLAMA_STYLE_RULES = _rules(
     *_linear("model.layers.{i}.mlp.gate_proj", "gate", "mlp_bias"),
     *_linear("model.layers.{i}.mlp.up_proj", "up", "mlp_bias"),
     *_linear("model.layers.{i}.mlp.down_proj", "down", "mlp_bias"),
+)
+LLAMA_STYLE_RULES = _rules(*LLAMA_STYLE_RULES_ITEMS)
+
+
+# Gemma 2 / 3: Llama's tensors plus a norm after attention and one around the MLP (the
+# checkpoint's post_attention_layernorm is the norm *after* attention there), and Gemma 3's
+# per-head q/k norms.
+GEMMA2_RULES = _rules(
+    ("model.embed_tokens.weight", "embed"),
+    ("model.norm.weight", "final_norm.w"),
+    ("lm_head.weight", "lm_head.w", None, _untied, True),
+    ("model.layers.{i}.input_layernorm.weight", "attn_norm.w"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "q_norm.w", None, _has("qk_norm")),
+    ("model.layers.{i}.self_attn.k_norm.weight", "k_norm.w", None, _has("qk_norm")),
+    *_linear("model.layers.{i}.self_attn.q_proj", "q", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.k_proj", "k", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.v_proj", "v", "qkv_bias"),
+    *_linear("model.layers.{i}.self_attn.o_proj", "o", "attn_out_bias"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "post_attn_norm.w"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "mlp_norm.w"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "post_mlp_norm.w"),
+    *_linear("model.layers.{i}.mlp.gate_proj", "gate", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.up_proj", "up", "mlp_bias"),
+    *_linear("model.layers.{i}.mlp.down_proj", "down", "mlp_bias"),
+)
+
+# Qwen3: Llama's tensors plus per-head q/k norms.
+QWEN3_RULES = _rules(
+    *LLAMA_STYLE_RULES_ITEMS,
+    ("model.layers.{i}.self_attn.q_norm.weight", "q_norm.w"),
+    ("model.layers.{i}.self_attn.k_norm.weight", "k_norm.w"),
+)
+
+# Phi-3 / Phi-4-mini: fused qkv_proj rows [q; k; v] and gate_up_proj rows [gate; up].
+PHI3_RULES = _rules(
+    ("model.embed_tokens.weight", "embed"),
+    ("model.norm.weight", "final_norm.w"),
+    ("lm_head.weight", "lm_head.w", None, _untied, True),
+    ("model.layers.{i}.input_layernorm.weight", "attn_norm.w"),
+    ("model.layers.{i}.self_attn.qkv_proj.weight", ("q.w", "k.w", "v.w"), split_qkv),
+    ("model.layers.{i}.self_attn.o_proj.weight", "o.w"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm.w"),
+    ("model.layers.{i}.mlp.gate_up_proj.weight", ("gate.w", "up.w"), split_halves),
+    ("model.layers.{i}.mlp.down_proj.weight", "down.w"),
 )
 
 STABLELM_RULES = _rules(
@@ -229,9 +278,25 @@ class Architecture:
     ignored: tuple[str, ...] = ()  # substrings of HF tensors that carry no weights (buffers)
     lora_targets: dict[str, str] = field(default_factory=dict)  # PEFT module -> role
     activation_overrides: dict[str, str] = field(default_factory=dict)
+    # config.json values the family's transformers config class fills in when a file omits
+    # them (Gemma 3's multimodal configs list only what differs from these).
+    config_defaults: dict[str, Any] = field(default_factory=dict)
+    # HF names may carry this prefix before the table's names (a multimodal checkpoint's
+    # language model: "language_model.model.layers...").
+    strip_prefixes: tuple[str, ...] = ()
+
+    def text_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The language model's config: a multimodal config's `text_config` (with the
+        top-level token ids), over the family's defaults."""
+        text = config.get("text_config")
+        if isinstance(text, dict):
+            top = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+            config = {**text, **top}
+        return {**self.config_defaults, **config}
 
     def spec(self, config: dict[str, Any], path: str | None = None) -> ModelSpec:
         """Build the ModelSpec of a checkpoint from its config.json."""
+        config = self.text_config(config)
         hidden = _required(config, path, *HIDDEN_KEYS)
         heads = _required(config, path, "num_attention_heads", "n_head")
         layers = _required(config, path, "num_hidden_layers", "n_layer")
@@ -270,7 +335,7 @@ class Architecture:
             activation=ACTIVATIONS[act_name],
             gated_mlp=self.gated_mlp,
             rotary_dims=int(head_dim),
-            rope_theta=float(cfg_get(config, "rope_theta", default=10000.0)),
+            **_rope_facts(config, path),
             alibi=False,
             learned_positions=False,
             parallel_residual=False,
@@ -292,6 +357,95 @@ class Architecture:
                 path,
             )
         return ModelSpec(**values)
+
+
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_facts(cfg: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """Rotary bases and scaling, from any spelling: transformers 5's `rope_parameters` (one
+    dict, or one per layer type), or the older `rope_theta` + `rope_scaling` (+ Gemma 3's
+    `rope_local_base_freq` for its sliding-window layers)."""
+    params = cfg.get("rope_parameters")
+    per_type = isinstance(params, dict) and any(
+        k in params for k in ("full_attention", "sliding_attention")
+    )
+    if per_type:
+        full = dict(params.get("full_attention") or {})
+        sliding = dict(params["sliding_attention"]) if params.get("sliding_attention") else None
+    else:
+        full = dict(params) if isinstance(params, dict) else {}
+        legacy = cfg.get("rope_scaling")
+        if isinstance(legacy, dict):
+            full = {**legacy, **full}
+        sliding = None
+        if cfg.get("rope_local_base_freq") is not None:
+            sliding = {"rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}
+    theta = full.get("rope_theta", cfg.get("rope_theta"))
+    theta = float(theta if theta is not None else 10000.0)
+    facts: dict[str, Any] = {
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(full, cfg, path),
+    }
+    if sliding is not None:
+        facts["sliding_rope_theta"] = float(sliding.get("rope_theta", theta))
+        facts["sliding_rope_scaling"] = _rope_scaling(sliding, cfg, path)
+    return facts
+
+
+def _rope_scaling(
+    params: dict[str, Any], cfg: dict[str, Any], path: str | None
+) -> dict[str, Any] | None:
+    """The scaling part of one rope_parameters dict, with what the decoder needs filled in."""
+    kind = params.get("rope_type", params.get("type")) or "default"
+    kind = {"su": "longrope"}.get(kind, kind)
+    if kind in ("default", "dynamic"):
+        # Dynamic NTK changes nothing within max_position_embeddings, which bounds any graph.
+        return None
+    if kind not in ROPE_KEYS:
+        raise LlmToolError(f"rope_type {kind!r} in config.json is not supported", path)
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in ROPE_KEYS[kind]:
+        value = params.get(key, cfg.get(key))
+        if value is None:
+            raise LlmToolError(f"config.json's {kind} rope scaling lacks {key!r}", path)
+        out[key] = value
+    if kind == "longrope":
+        original = int(out["original_max_position_embeddings"])
+        factor = params.get("factor") or int(cfg_get(cfg, "max_position_embeddings")) / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            )
+        out["attention_factor"] = float(attention)
+    return out
+
+
+def _sliding_facts(cfg: dict[str, Any], default: Callable[[int], bool]) -> dict[str, Any]:
+    """The sliding window and its layers: `layer_types` when config.json lists them (as
+    transformers 5 writes it), else the family's default pattern."""
+    window = cfg.get("sliding_window")
+    layers = int(cfg_get(cfg, "num_hidden_layers", "n_layer"))
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise LlmToolError(f"layer type {unknown[0]!r} in config.json is not supported")
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    else:
+        sliding = [i for i in range(layers) if default(i)]
+    if window is None or not sliding:
+        return {}
+    return {"sliding_window": int(window), "sliding_layers": tuple(sliding)}
+
+
+def _every_layer(i: int) -> bool:
+    return True
 
 
 def _required(config: dict[str, Any], path: str | None, *keys: str) -> int:
@@ -327,11 +481,9 @@ def _rotary(fraction_keys: tuple[str, ...] = ("partial_rotary_factor",), default
 
 
 def _llama_facts(cfg: dict[str, Any]) -> dict[str, Any]:
-    window = cfg.get("sliding_window")
-    if window and window < int(cfg_get(cfg, "max_position_embeddings", default=0) or 0):
-        raise LlmToolError(f"sliding-window attention ({window} tokens) is not supported")
     bias = bool(cfg.get("attention_bias", False))
     return {
+        **_sliding_facts(cfg, _every_layer),  # Mistral: every layer when sliding_window is set
         "qkv_bias": bias,
         "attn_out_bias": bias,
         "mlp_bias": bool(cfg.get("mlp_bias", False)),
@@ -341,6 +493,58 @@ def _llama_facts(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _gemma_facts(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"tied_embeddings": bool(cfg.get("tie_word_embeddings", True))}
+
+
+def _gemma2_facts(cfg: dict[str, Any], pattern: int = 2) -> dict[str, Any]:
+    """Gemma 2 and 3: norms after attention and MLP, query_pre_attn_scalar, soft-capping,
+    sliding-window layers (all but every `pattern`-th: Gemma 2 alternates)."""
+    bias = bool(cfg.get("attention_bias", False))
+    return {
+        **_sliding_facts(cfg, lambda i: (i + 1) % pattern != 0),
+        "post_norms": True,
+        "attn_scale": float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
+        "attn_softcap": _float_or_none(cfg.get("attn_logit_softcapping")),
+        "final_softcap": _float_or_none(cfg.get("final_logit_softcapping")),
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", True)),
+    }
+
+
+def _gemma3_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's layer plus per-head q/k norms; five sliding layers of every six."""
+    if cfg.get("use_bidirectional_attention"):
+        raise LlmToolError("Gemma 3 with bidirectional attention (an encoder) is not supported")
+    pattern = int(cfg.get("sliding_window_pattern") or 6)
+    return {**_gemma2_facts(cfg, pattern), "qk_norm": True}
+
+
+def _qwen3_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    layers = int(cfg_get(cfg, "num_hidden_layers"))
+    first = int(cfg.get("max_window_layers") or layers)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    bias = bool(cfg.get("attention_bias", False))
+    return {
+        **_sliding_facts({**cfg, "sliding_window": window}, lambda i: i >= first),
+        "qk_norm": True,
+        "qkv_bias": bias,
+        "attn_out_bias": bias,
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _phi3_facts(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise LlmToolError("Phi-3 checkpoints with biases are not supported")
+    return {
+        **_rotary()(cfg),
+        **_sliding_facts(cfg, _every_layer),
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _qwen2_facts(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -438,11 +642,66 @@ _LLAMA_FAMILY = dict(
     ignored=("rotary_emb.inv_freq",),
 )
 
+_GEMMA2 = dict(
+    _GEMMA,
+    hf_model_types=("gemma2",),
+    rules=GEMMA2_RULES,
+    facts=_gemma2_facts,
+)
+
+# Gemma3TextConfig's defaults: the multimodal (4B and larger) configs omit these.
+_GEMMA3_DEFAULTS = {
+    "vocab_size": 262_208,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+
+_GEMMA3 = dict(
+    _GEMMA,
+    hf_model_types=("gemma3_text", "gemma3"),
+    rules=GEMMA2_RULES,
+    facts=_gemma3_facts,
+    config_defaults=_GEMMA3_DEFAULTS,
+    strip_prefixes=("language_model.",),
+    ignored=("rotary_emb.inv_freq", "vision_tower.", "multi_modal_projector."),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
         Architecture("GEMMA_2B", description="Gemma 2B (MQA, GeGLU, RMSNorm 1+w)", **_GEMMA),
         Architecture("GEMMA_7B", description="Gemma 7B (MHA, GeGLU, RMSNorm 1+w)", **_GEMMA),
+        Architecture(
+            "GEMMA2_2B",
+            description="Gemma 2 (any size: pre+post norms, soft-capping, local/global layers)",
+            **_GEMMA2,
+        ),
+        *(
+            Architecture(
+                name,
+                description=f"Gemma 3 {size} text (q/k norms, 5:1 local/global, 262k vocab)",
+                **_GEMMA3,
+            )
+            for name, size in (
+                ("GEMMA3_300M", "270M"),
+                ("GEMMA3_1B", "1B"),
+                ("GEMMA3_4B", "4B"),
+                ("GEMMA3_12B", "12B"),
+                ("GEMMA3_27B", "27B"),
+            )
+        ),
         Architecture(
             "PHI_2",
             hf_model_types=("phi",),
@@ -496,9 +755,29 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "LLAMA",
             hf_model_types=("llama", "mistral"),
-            description="Llama / Mistral-style (RMSNorm, SwiGLU, rotary, GQA)",
+            description="Llama 1-3.x, SmolLM, TinyLlama, Mistral (RMSNorm, SwiGLU, GQA, "
+            "llama3 rope scaling, sliding window)",
             facts=_llama_facts,
             **_LLAMA_FAMILY,
+        ),
+        Architecture(
+            "PHI_3",
+            hf_model_types=("phi3",),
+            description="Phi-3 / Phi-4-mini (fused qkv and gate_up, partial rotary, longrope)",
+            rules=PHI3_RULES,
+            norm="rms",
+            activation_keys=("hidden_act",),
+            default_activation="silu",
+            gated_mlp=True,
+            facts=_phi3_facts,
+            ignored=("rotary_emb.inv_freq",),
+        ),
+        Architecture(
+            "QWEN3",
+            hf_model_types=("qwen3",),
+            description="Qwen3 (RMSNorm, SwiGLU, rotary, GQA, per-head q/k norms)",
+            facts=_qwen3_facts,
+            **dict(_LLAMA_FAMILY, rules=QWEN3_RULES),
         ),
         Architecture(
             "QWEN2",

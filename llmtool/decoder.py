@@ -32,6 +32,8 @@ from llmtool.formats.tflite_model import (
 from llmtool.quantization import pack_int4, unpack_int4
 from llmtool.spec import ModelSpec, role_name, role_shape
 
+MASKED = -1e9  # additive mask value of hidden keys (what runtimes feed in `mask`)
+
 
 class _Weights:
     """Container tensors as graph constants; one buffer per constant, shared by all subgraphs."""
@@ -174,7 +176,8 @@ class _Subgraph:
 
     def binary(self, op: str, a: int, b: int) -> int:
         shape = np.broadcast_shapes(self.shape(a), self.shape(b))
-        return self.op(op, [a, b], shape, options={"fused_activation_function": "NONE"})
+        dtype = self.tensors[a].dtype
+        return self.op(op, [a, b], shape, dtype, options={"fused_activation_function": "NONE"})
 
     def add(self, a: int, b: int) -> int:
         return self.binary("ADD", a, b)
@@ -258,15 +261,22 @@ class _Decoder:
 
     # -- constants derived from the spec ----------------------------------------------------
 
-    def rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sign-folded sin tables [S, rotary_dims], as transformers computes them."""
-        rd = self.spec.rotary_dims
-        idx = np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / np.float32(rd)
-        inv_freq = (1.0 / (np.float32(self.spec.rope_theta) ** idx)).astype(np.float32)
+    def rope_tables(self, sliding: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sign-folded sin tables [S, rotary_dims], as transformers computes them
+        (for the sliding-window layers' own rotary base when `sliding`)."""
+        spec = self.spec
+        theta, scaling = spec.rope_theta, spec.rope_scaling
+        if sliding:
+            theta = spec.sliding_rope_theta or theta
+            scaling = spec.sliding_rope_scaling
+        inv_freq, attention_scaling = rope_inv_freq(spec.rotary_dims, theta, scaling, self.S)
         freqs = np.arange(self.S, dtype=np.float32)[:, None] * inv_freq[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float32)
         cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-        half = rd // 2
+        if attention_scaling != 1.0:
+            cos = (cos * np.float32(attention_scaling)).astype(np.float32)
+            sin = (sin * np.float32(attention_scaling)).astype(np.float32)
+        half = spec.rotary_dims // 2
         sin[:, :half] *= -1.0  # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin)
         return cos, sin
 
@@ -291,16 +301,7 @@ class _Decoder:
         spec = self.spec
         w_name = role_name(role + ".w", layer)
         if spec.norm == "rms":
-            ms = g.mean_last(g.mul(x, x))
-            r = g.op("RSQRT", [g.add(ms, g.scalar(spec.norm_eps))], g.shape(ms))
-            y = g.mul(x, r)
-            if spec.norm_offset:
-                scale = g.const(
-                    "wo:" + w_name, lambda: g.w.c.float(w_name) + np.float32(spec.norm_offset)
-                )
-            else:
-                scale = g.weight(w_name)
-            return g.mul(y, scale)
+            return self.rms_norm(g, x, w_name)
         mean = g.mean_last(x)
         d = g.sub(x, mean)
         var = g.mean_last(g.mul(d, d))
@@ -309,6 +310,43 @@ class _Decoder:
         if spec.norm_bias:
             y = g.add(y, g.weight(role_name(role + ".b", layer)))
         return y
+
+    def rms_norm(self, g: _Subgraph, x: int, w_name: str) -> int:
+        """RMSNorm over the last axis with the container's weight (plus the spec's offset)."""
+        spec = self.spec
+        ms = g.mean_last(g.mul(x, x))
+        r = g.op("RSQRT", [g.add(ms, g.scalar(spec.norm_eps))], g.shape(ms))
+        y = g.mul(x, r)
+        if spec.norm_offset:
+            scale = g.const(
+                "wo:" + w_name, lambda: g.w.c.float(w_name) + np.float32(spec.norm_offset)
+            )
+        else:
+            scale = g.weight(w_name)
+        return g.mul(y, scale)
+
+    def softcap(self, g: _Subgraph, x: int, cap: float) -> int:
+        """cap * tanh(x / cap): Gemma 2's soft limit on attention scores and logits."""
+        y = g.op("TANH", [g.mul(x, g.scalar(1.0 / cap))], g.shape(x))
+        return g.mul(y, g.scalar(cap))
+
+    def windowed(self, layer: int) -> bool:
+        """True if this layer's sliding window hides keys this graph's cache can hold."""
+        spec = self.spec
+        return spec.is_sliding(layer) and spec.sliding_window < self.S
+
+    def window_mask(self, g: _Subgraph, mask: int, input_pos: int) -> int:
+        """The causal `mask` [1,T,S] with keys at or before query_pos - window masked too.
+
+        Computed from `input_pos` inside the graph, so a runtime that feeds only the causal
+        mask (LiteRT-LM) gets the sliding window right."""
+        _, T, S = g.shape(mask)
+        window = int(self.spec.sliding_window)
+        keys = g.const(f"key_pos{S}", lambda: np.arange(S, dtype=np.int32).reshape(1, 1, S))
+        limit = g.reshape(g.sub(input_pos, g.ints([window])), (1, T, 1))
+        hidden = g.op("LESS_EQUAL", [keys, limit], (1, T, S), "bool")
+        neg = g.scalar(MASKED)
+        return g.op("SELECT_V2", [hidden, neg, mask], (1, T, S))
 
     def linear(
         self, g: _Subgraph, x: int, roles: list[str], layer: int | None, bias: bool
@@ -351,10 +389,17 @@ class _Decoder:
         q = g.reshape(q, (T, NH, D))
         k = g.reshape(k, (T, KVH, D))
         v = g.reshape(v, (T, KVH, D))
+        if spec.qk_norm:
+            q = self.rms_norm(g, q, role_name("q_norm.w", layer))
+            k = self.rms_norm(g, k, role_name("k_norm.w", layer))
+        sliding = self.windowed(layer)
         if spec.rotary_dims:
-            q = self.rotary(g, q, ctx["cos"], ctx["sin"])
-            k = self.rotary(g, k, ctx["cos"], ctx["sin"])
-        q = g.mul(q, g.scalar(1.0 / math.sqrt(D)))
+            kind = "_sliding" if spec.is_sliding(layer) else ""
+            cos, sin = ctx["cos" + kind], ctx["sin" + kind]
+            q = self.rotary(g, q, cos, sin)
+            k = self.rotary(g, k, cos, sin)
+        scale = spec.attn_scale if spec.attn_scale is not None else 1.0 / math.sqrt(D)
+        q = g.mul(q, g.scalar(scale))
 
         # Write this call's keys/values into the caches at input_pos[0].
         k_cache = g.input(f"kv_cache_k_{layer}", (1, KVH, S, D))
@@ -369,7 +414,10 @@ class _Decoder:
         # Scores for the query heads of each kv head at once: [KVH, G*T, S].
         qg = g.reshape(g.transpose(q, (1, 0, 2)), (KVH, G * T, D))
         scores = g.batch_matmul(qg, g.reshape(k_all, (KVH, S, D)), adj_y=True)
-        scores = g.add(g.reshape(scores, (NH, T, S)), ctx["mask"])
+        scores = g.reshape(scores, (NH, T, S))
+        if spec.attn_softcap:
+            scores = self.softcap(g, scores, spec.attn_softcap)
+        scores = g.add(scores, ctx["mask_sliding"] if sliding else ctx["mask"])
         if spec.alibi:
             scores = g.add(scores, ctx["alibi"])
         probs = g.op("SOFTMAX", [scores], (NH, T, S), options={"beta": 1.0})
@@ -412,8 +460,17 @@ class _Decoder:
             ctx["sin"] = g.reshape(
                 g.op("GATHER", [sin_t, input_pos], (T, rd), options=gather), (T, 1, rd)
             )
+            ctx["cos_sliding"], ctx["sin_sliding"] = ctx["cos"], ctx["sin"]
+            if spec.sliding_layers and (spec.sliding_rope_theta or spec.sliding_rope_scaling):
+                for i, n in enumerate(("cos", "sin")):
+                    table = g.const(f"rope_sliding_{n}", (lambda i=i: self.rope_tables(True)[i]))
+                    ctx[f"{n}_sliding"] = g.reshape(
+                        g.op("GATHER", [table, input_pos], (T, rd), options=gather), (T, 1, rd)
+                    )
         if spec.alibi:
             ctx["alibi"] = g.const("alibi", self.alibi_table)
+        if any(self.windowed(i) for i in range(spec.num_layers)):
+            ctx["mask_sliding"] = self.window_mask(g, ctx["mask"], input_pos)
 
         x = self.embed(g, g.reshape(tokens, (T,)), input_pos)
         for layer in range(spec.num_layers):
@@ -421,15 +478,22 @@ class _Decoder:
             attn = self.attention(g, n1, layer, ctx)
             if spec.parallel_residual:
                 x = g.add(g.add(x, attn), self.mlp(g, n1, layer))
-            else:
-                x = g.add(x, attn)
-                x = g.add(x, self.mlp(g, self.norm(g, x, "mlp_norm", layer), layer))
+                continue
+            if spec.post_norms:
+                attn = self.norm(g, attn, "post_attn_norm", layer)
+            x = g.add(x, attn)
+            h = self.mlp(g, self.norm(g, x, "mlp_norm", layer), layer)
+            if spec.post_norms:
+                h = self.norm(g, h, "post_mlp_norm", layer)
+            x = g.add(x, h)
         x = self.norm(g, x, "final_norm", None)
         if spec.tied_embeddings:
             logits = g.fc(x, [role_name("embed")])
         else:
             head = self.linear(g, x, ["lm_head"], None, spec.lm_head_bias)
             logits = head[0]
+        if spec.final_softcap:
+            logits = self.softcap(g, logits, spec.final_softcap)
         g.outputs["logits"] = g.reshape(logits, (1, T, spec.vocab_size))
 
     def embed(self, g: _Subgraph, ids: int, input_pos: int) -> int:
@@ -460,6 +524,43 @@ class _Decoder:
                 ),
             )
         return x
+
+
+def rope_inv_freq(
+    dims: int, theta: float, scaling: dict[str, Any] | None, seq_len: int
+) -> tuple[np.ndarray, float]:
+    """Rotary inverse frequencies [dims / 2] and the cos/sin scale, as transformers' rope
+    functions compute them for `rope_type` default, linear, llama3 and longrope.
+
+    longrope uses its short factors when the graph's cache fits in the original context and
+    its long factors otherwise (transformers switches per call on the sequence length)."""
+    exponent = np.arange(0, dims, 2, dtype=np.int64).astype(np.float32) / np.float32(dims)
+    base = (np.float32(theta) ** exponent).astype(np.float32)
+    inv_freq = (np.float32(1.0) / base).astype(np.float32)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        factor = np.float32(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        smooth = ((np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)).astype(
+            np.float32
+        )
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "longrope":
+        long = seq_len > int(scaling["original_max_position_embeddings"])
+        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        inv = (np.float32(1.0) / (ext * base)).astype(np.float32)
+        return inv, float(scaling.get("attention_factor", 1.0))
+    raise ValueError(f"unsupported rope_type {kind!r}")  # architectures.py refuses these
 
 
 def _bfloat16(x: np.ndarray) -> np.ndarray:

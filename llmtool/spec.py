@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 # --------------------------------------------------------------------------------------------
 # The generic model description
@@ -47,6 +48,19 @@ class ModelSpec:
     lm_head_bias: bool
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Newer decoders (defaults describe the classic one, so older containers still read).
+    post_norms: bool = False  # a norm after attention and after the MLP, before the residual
+    qk_norm: bool = False  # per-head RMSNorm of q and k (before rotary), weights [head_dim]
+    attn_scale: float | None = None  # query scale; None: 1 / sqrt(head_dim)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # the same on the output logits
+    sliding_window: int | None = None  # a key is visible if query_pos - key_pos < window...
+    sliding_layers: tuple[int, ...] = ()  # ...in these layers (the others see everything)
+    # Rotary scaling of the (full-attention) layers as transformers' rope_parameters spells it:
+    # {"rope_type": "linear" | "llama3" | "longrope", factor, ...}; None: plain rotary.
+    rope_scaling: dict[str, Any] | None = None
+    sliding_rope_theta: float | None = None  # rotary base of sliding layers; None: rope_theta
+    sliding_rope_scaling: dict[str, Any] | None = None  # rotary scaling of sliding layers
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -57,6 +71,7 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
+        raw["sliding_layers"] = tuple(raw.get("sliding_layers", ()))
         return cls(**raw)
 
     @property
@@ -66,6 +81,9 @@ class ModelSpec:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and layer in self.sliding_layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,6 +101,9 @@ ROLE_NAMES: dict[str, str] = {
     "lm_head.b": "params.lm.softmax.logits_ffn.b",
     "attn_norm.w": LAYER + "pre_layer_norm.scale",
     "attn_norm.b": LAYER + "pre_layer_norm.bias",
+    "post_attn_norm.w": LAYER + "post_layer_norm.scale",
+    "q_norm.w": LAYER + "self_attention.q_norm.scale",
+    "k_norm.w": LAYER + "self_attention.k_norm.scale",
     "q.w": LAYER + "self_attention.q.w",
     "q.b": LAYER + "self_attention.q.b",
     "k.w": LAYER + "self_attention.k.w",
@@ -93,6 +114,7 @@ ROLE_NAMES: dict[str, str] = {
     "o.b": LAYER + "self_attention.post.b",
     "mlp_norm.w": LAYER + "ff_layer.pre_layer_norm.scale",
     "mlp_norm.b": LAYER + "ff_layer.pre_layer_norm.bias",
+    "post_mlp_norm.w": LAYER + "ff_layer.post_layer_norm.scale",
     "gate.w": LAYER + "ff_layer.ffn_layer1_gate.w",
     "up.w": LAYER + "ff_layer.ffn_layer1.w",
     "up.b": LAYER + "ff_layer.ffn_layer1.b",
@@ -133,8 +155,10 @@ def role_shape(spec: ModelSpec, role: str) -> tuple[int, ...]:
         return (spec.vocab_size, h)
     if role == "pos_embed":
         return (spec.max_positions, h)
-    if base in ("attn_norm", "mlp_norm", "final_norm"):
+    if base in ("attn_norm", "mlp_norm", "final_norm", "post_attn_norm", "post_mlp_norm"):
         return (h,)
+    if base in ("q_norm", "k_norm"):
+        return (spec.head_dim,)
     if role.endswith(".w"):
         return out_in[base]
     return (out_in[base][0],)  # bias

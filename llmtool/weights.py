@@ -119,8 +119,13 @@ def _write_order(t: PlannedTensor) -> tuple:
 
 
 def _aliases(arch: Architecture, names: set[str]) -> dict[str, str]:
-    """Map the table's names to the checkpoint's (some files drop a prefix, e.g. GPT-2)."""
+    """Map the table's names to the checkpoint's (some files drop a prefix, e.g. GPT-2; a
+    multimodal file adds one before its language model's names)."""
     out = {n: n for n in names}
+    for prefix in arch.strip_prefixes:
+        for n in names:
+            if n.startswith(prefix):
+                out.setdefault(n[len(prefix) :], n)
     for prefix in arch.optional_prefixes:
         for n in names:
             if not n.startswith(prefix):

@@ -29,6 +29,11 @@ TOKENIZER_STYLE = {
     "GEMMA_2B": "spm",
     "GEMMA_7B": "spm",
     "LLAMA": "llama",
+    "LLAMA3": "llama",
+    "MISTRAL": "llama",
+    "PHI_3": "llama",
+    "GEMMA2_2B": "spm",
+    "GEMMA3_1B": "spm",
 }  # everything else: GPT-2-style byte-level BPE with <|endoftext|>
 
 
@@ -73,9 +78,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def converted(tiny_model, tmp_path_factory) -> Callable[..., Path]:
-    """converted(model_type, quantization) -> container path (cached)."""
+    """converted(model_type, quantization) -> container path (cached); model_type may be a
+    fixture name of tiny_models.NEW_FIXTURES."""
     from llmtool.config import ConversionConfig
     from llmtool.pipelines.convert import convert
+    from tests.tiny_models import model_type_of
 
     cache: dict[tuple, Path] = {}
 
@@ -87,7 +94,7 @@ def converted(tiny_model, tmp_path_factory) -> Callable[..., Path]:
             convert(
                 ConversionConfig(
                     input_ckpt=str(folder),
-                    model_type=model_type,
+                    model_type=model_type_of(model_type),
                     output_tflite_file=str(out),
                     quantization=quantization,
                 )

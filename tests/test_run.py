@@ -15,7 +15,9 @@ from llmtool import LlmInference, LlmInferenceOptions
 from llmtool.errors import LlmToolError
 from llmtool.formats.tflite_model import read_model
 from llmtool.pipelines.export import ExportOptions, export_graph
-from tests.tiny_models import MODEL_TYPES, reference_greedy, reference_logits
+from tests.tiny_models import MODEL_TYPES, NEW_FIXTURES, reference_greedy, reference_logits
+
+ALL_FIXTURES = (*MODEL_TYPES, *NEW_FIXTURES)
 
 RNG = np.random.default_rng(1234)
 
@@ -49,11 +51,13 @@ def random_ids(n: int, vocab: int = 300) -> list[int]:
     return [int(x) for x in RNG.integers(3, vocab, size=n)]
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ALL_FIXTURES)
 def test_float32_logits_match_transformers(model_type, tiny_model, graph):
     folder = tiny_model(model_type)
     llm = engine_for(graph(model_type))
-    ids = random_ids(21)  # spans prefill chunks of 8 and a padded remainder
+    # Spans prefill chunks of 8 and a padded remainder, and is longer than the sliding window
+    # (6) of the new fixtures.
+    ids = random_ids(21)
     ours = llm.logits(ids)
     ref = reference_logits(folder, ids)
     assert ours.shape == ref.shape
@@ -61,17 +65,18 @@ def test_float32_logits_match_transformers(model_type, tiny_model, graph):
     assert err < 1e-4, f"{model_type}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ALL_FIXTURES)
 def test_greedy_tokens_match_transformers(model_type, tiny_model, graph):
     folder = tiny_model(model_type)
     llm = engine_for(graph(model_type), top_k=1)
     prompt = random_ids(5)
-    expected = reference_greedy(folder, prompt, new_tokens=12)
+    steps = 32 if model_type in NEW_FIXTURES else 12  # decode far past the sliding window
+    expected = reference_greedy(folder, prompt, new_tokens=steps)
     # Drive the engine directly so stop tokens don't cut the comparison short.
     llm.engine.reset()
     logits = llm.engine.prefill(prompt)
     ours = []
-    for _ in range(12):
+    for _ in range(steps):
         token = int(np.argmax(logits))
         ours.append(token)
         logits = llm.engine.decode(token)
@@ -87,11 +92,18 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(axis=-1).mean())
 
 
-@pytest.mark.parametrize("model_type", ["GEMMA_2B", "PHI_2", "LLAMA", "GPT2"])
-def test_quantized_logits_close_to_float(model_type, graph, record_property):
+QUANT_LIMITS = (("float16", 1e-5), ("int8", 0.002), ("int4", 0.1))
+
+
+@pytest.mark.parametrize(
+    "model_type,limits",
+    [(t, QUANT_LIMITS) for t in ("GEMMA_2B", "PHI_2", "LLAMA", "GPT2")]
+    + [(t, QUANT_LIMITS[1:]) for t in NEW_FIXTURES],  # the same bounds, int8 and int4
+)
+def test_quantized_logits_close_to_float(model_type, limits, graph, record_property):
     ids = random_ids(16)
     ref = engine_for(graph(model_type)).logits(ids)
-    for quantization, limit in (("float16", 1e-5), ("int8", 0.002), ("int4", 0.1)):
+    for quantization, limit in limits:
         ours = engine_for(graph(model_type, quantization)).logits(ids)
         divergence = kl(ref, ours)
         record_property(f"kl_{quantization}", divergence)

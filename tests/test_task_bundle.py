@@ -21,6 +21,7 @@ from llmtool.formats.task_bundle import (
     write_task_bundle_from_graph,
 )
 from llmtool.pipelines.export import ExportOptions, export_graph
+from tests.tiny_models import NEW_FIXTURES
 
 PARAMS = encode_llm_parameters({"start_token": "<bos>", "stop_tokens": ["<eos>"]})
 
@@ -179,3 +180,47 @@ def test_litert_lm_runs_the_bundle(gemma, tmp_path):
         assert text == expected, prompt
         compared += len(expected)
     assert compared > 10, "the prompts should produce comparable (NUL-free) text"
+
+
+@pytest.mark.parametrize("fixture", list(NEW_FIXTURES))
+def test_litert_lm_runs_the_newer_families(fixture, gemma, converted, tmp_path):
+    """The new decoder features (sliding-window mask computed in the graph from input_pos,
+    soft-capping, q/k norms, ...) run in LiteRT-LM as in our engine, past the window (6).
+
+    Every fixture's vocabulary has 320 ids, so the tiny Gemma's SentencePiece model stands in
+    for the BPE ones: only ids matter to the graph."""
+    litert_lm = pytest.importorskip("litert_lm")
+    import sentencepiece as spm
+
+    from llmtool.runtime.engine import Engine
+
+    _, tokenizer, params = gemma
+    graph = tmp_path / f"{fixture}.tflite"
+    export_graph(converted(fixture), graph, ExportOptions(max_seq_len=64, prefill_len=8))
+    bundle = write_task_bundle(tmp_path / f"{fixture}.task", graph, tokenizer, params)
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer)
+    theirs = litert_lm.Engine(
+        str(bundle),
+        backend=litert_lm.Backend.CPU(thread_count=1),
+        cache_dir=":nocache",
+        max_num_tokens=64,
+    )
+    prompt = "w5 w9 w13 w2 w3"
+    session = theirs.create_session(
+        apply_prompt_template=False,
+        sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0, seed=0),
+        max_output_tokens=24,
+    )
+    session.run_prefill([prompt])
+    text = session.run_decode().texts[0]
+    ours = Engine(graph, num_threads=1)
+    ids = [sp.bos_id(), *sp.encode(prompt)]
+    assert len(ids) > 6
+    logits = ours.prefill(ids)
+    out: list[int] = []
+    while len(out) < 24 and (not out or out[-1] != sp.eos_id()):
+        out.append(int(np.argmax(logits)))
+        logits = ours.decode(out[-1])
+    expected = sp.decode(out).split("\x00")[0]
+    assert text == expected
+    assert len(expected) > 8, "the output should be long enough to compare"

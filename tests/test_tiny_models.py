@@ -334,6 +334,6 @@ def test_legacy_config_loads_to_the_same_model(model_type, build, logits):
 
 def test_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="unknown model type"):
-        build_checkpoint("MISTRAL", tmp_path)
+        build_checkpoint("MAMBA", tmp_path)
     with pytest.raises(ValueError, match="ckpt_format"):
         build_checkpoint("GPT2", tmp_path, ckpt_format="gguf")

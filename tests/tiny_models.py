@@ -23,6 +23,22 @@ import torch
 
 MODEL_TYPES = ("GEMMA_2B", "GEMMA_7B", "PHI_2", "FALCON_RW_1B", "STABLELM_4E1T_3B", "GPT2", "LLAMA")
 
+# The newer families (issue 10), each exercising what the decoder learnt for it; fixture name ->
+# llmtool model type. Kept out of MODEL_TYPES so the format-variant tests stay fast.
+NEW_FIXTURES = {
+    "QWEN3": "QWEN3",  # per-head q/k RMSNorm, head_dim * heads != hidden, tied head
+    "LLAMA3": "LLAMA",  # Llama 3.x rope scaling (rope_type llama3), tied head (3.2-1B)
+    "MISTRAL": "LLAMA",  # sliding window on every layer, shorter than the test prompts
+    "GEMMA2_2B": "GEMMA2_2B",  # pre+post norms, both soft-caps active, alternating window
+    "GEMMA3_1B": "GEMMA3_1B",  # q/k norms, local/global layers with own rope, linear scaling
+    "PHI_3": "PHI_3",  # fused qkv/gate_up, partial rotary, longrope (short factor), window
+}
+
+
+def model_type_of(fixture: str) -> str:
+    """The llmtool model type a fixture name converts as."""
+    return NEW_FIXTURES.get(fixture, fixture)
+
 # The format each real checkpoint ships in (everything else: safetensors).
 NATIVE_FORMAT = {"FALCON_RW_1B": "pytorch"}
 
@@ -31,7 +47,8 @@ NATIVE_FORMAT = {"FALCON_RW_1B": "pytorch"}
 # sqrt(hidden) and ties the head, so with equal stds the residual stream is dominated by the input
 # token's embedding and the model just predicts its input token again; a smaller embedding and
 # larger matrices make the layers decide.
-WEIGHT_STDS = {"GEMMA_2B": (0.03, 0.15), "GEMMA_7B": (0.03, 0.15)}
+WEIGHT_STDS = {"GEMMA_2B": (0.03, 0.15), "GEMMA_7B": (0.03, 0.15), "GEMMA2_2B": (0.03, 0.15),
+               "GEMMA3_1B": (0.03, 0.15)}
 DEFAULT_STDS = (0.08, 0.08)
 BIAS_STD = 0.02
 NORM_STD = 0.1
@@ -45,7 +62,18 @@ _LEGACY_VERSION = {
     "STABLELM_4E1T_3B": "4.38.0",
     "GPT2": "4.26.0.dev0",
     "LLAMA": "4.31.0.dev0",
+    "QWEN3": "4.51.0",
+    "LLAMA3": "4.45.0.dev0",
+    "MISTRAL": "4.34.0.dev0",
+    "GEMMA2_2B": "4.42.4",
+    "GEMMA3_1B": "4.50.0.dev0",
+    "PHI_3": "4.40.2",
 }
+
+
+SLIDING = 6  # sliding window of the new fixtures: shorter than the test prompts
+ATTN_SOFTCAP = 3.0  # small enough that tanh bends these fixtures' attention scores...
+FINAL_SOFTCAP = 0.6  # ...and logits
 
 
 def _config(model_type: str, vocab_size: int) -> Any:
@@ -96,6 +124,59 @@ def _config(model_type: str, vocab_size: int) -> Any:
             **common, hidden_size=64, intermediate_size=192, num_key_value_heads=2,
             hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if model_type == "QWEN3":
+        return tf.Qwen3Config(
+            **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=32,
+            hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False,
+            use_sliding_window=False, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    if model_type == "LLAMA3":
+        # original_max_position_embeddings 16 puts most frequencies in the scaled bands.
+        return tf.LlamaConfig(
+            **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+            hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16},
+            bos_token_id=1, eos_token_id=2)
+    if model_type == "MISTRAL":
+        return tf.MistralConfig(
+            **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+            hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=SLIDING,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if model_type == "GEMMA2_2B":
+        # Three layers: sliding, full, sliding. query_pre_attn_scalar != head_dim.
+        return tf.Gemma2Config(
+            **{**common, "num_hidden_layers": 3}, hidden_size=64, intermediate_size=128,
+            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+            sliding_window=SLIDING, attn_logit_softcapping=ATTN_SOFTCAP,
+            final_logit_softcapping=FINAL_SOFTCAP, tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if model_type == "GEMMA3_1B":
+        # Layers sliding, sliding, full (pattern 3); global layers scale rotary linearly as
+        # Gemma 3 4B+ do; q_dim 128 != hidden 64.
+        return tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, hidden_size=64, intermediate_size=128,
+            num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, sliding_window=SLIDING,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if model_type == "PHI_3":
+        # Phi-4-mini's partial rotary (0.75) and longrope; the graphs' cache (64) fits in the
+        # original context, so the short factors apply, and the attention factor is not 1.
+        rotary_half = 64 // 4 * 3 // 4 // 2  # head_dim 16, 12 rotary dims
+        return tf.Phi3Config(
+            **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+            hidden_act="silu", rms_norm_eps=1e-5, partial_rotary_factor=0.75,
+            original_max_position_embeddings=64, sliding_window=SLIDING,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                             "short_factor": [1.0 + 0.25 * i for i in range(rotary_half)],
+                             "long_factor": [2.0 + 0.5 * i for i in range(rotary_half)],
+                             "partial_rotary_factor": 0.75},
+            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown model type {model_type!r}; expected one of {MODEL_TYPES}")
 
 
@@ -244,7 +325,7 @@ def build_checkpoint(model_type: str, out_dir: Path, vocab_size: int = 320, *,
     import transformers
     from safetensors.torch import load_file
 
-    if model_type not in MODEL_TYPES:
+    if model_type not in MODEL_TYPES and model_type not in NEW_FIXTURES:
         raise ValueError(f"unknown model type {model_type!r}; expected one of {MODEL_TYPES}")
     fmt = ckpt_format or NATIVE_FORMAT.get(model_type, "safetensors")
     if fmt not in ("safetensors", "pytorch"):
