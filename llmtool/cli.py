@@ -117,9 +117,7 @@ ConfigOpt = Annotated[
 def convert(
     model_type: Annotated[
         str | None,
-        typer.Option(
-            help=f"Architecture: {', '.join(ARCHITECTURES)}."
-        ),
+        typer.Option(help=f"Architecture: {', '.join(ARCHITECTURES)}."),
     ] = None,
     input_ckpt: Annotated[
         str | None,
@@ -149,7 +147,8 @@ def convert(
     quantization: Annotated[
         str | None,
         typer.Option(
-            help="Shorthand for all three *-quant-bits: float32, float16, int8 (default), int4."
+            help="Shorthand for all three *-quant-bits: float32, float16, int8 (default), int4 "
+            "(embeddings stay at 8 bits unless --embedding-quant-bits says otherwise)."
         ),
     ] = None,
     attention_quant_bits: Annotated[
@@ -166,6 +165,13 @@ def convert(
         typer.Option(
             "--is-symmetric/--no-is-symmetric",
             help="Symmetric per-channel quantization (default) or with zero points.",
+        ),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            help="int4 weights: one scale per 32, 64 or 128 values of a row, or 0 for one per "
+            "row. Default 32 where it divides the row, else one per row."
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -214,7 +220,7 @@ def inspect(
         print_json(info)
         return
     out.print(f"[bold]{info['file']}[/]  {human_bytes(info['file_bytes'])}")
-    for key in ("model_type", "backend", "parameters", "quant_bits"):
+    for key in ("model_type", "backend", "parameters", "quant_bits", "int4_block_sizes"):
         if info.get(key) is not None:
             out.print(f"  {key}: {info[key]}", highlight=False)
     tok = info.get("tokenizer") or {}

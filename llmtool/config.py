@@ -15,6 +15,8 @@ from llmtool.errors import LlmToolError
 
 QUANTIZATION_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
 VALID_BITS = (32, 16, 8, 4)
+BLOCK_SIZES = (32, 64, 128)  # XNNPACK's blockwise int4 kernels need multiples of 32
+DEFAULT_BLOCK_SIZE = 32  # llama.cpp's Q4_0 block
 
 
 @dataclass
@@ -34,13 +36,20 @@ class ConversionConfig:
     feedforward_quant_bits: int | None = None
     embedding_quant_bits: int | None = None
     is_symmetric: bool = True
+    # int4 weights: blockwise scales every block_size values of a row (0 = one per row); None =
+    # DEFAULT_BLOCK_SIZE where it divides the row, else per row
+    block_size: int | None = None
     lora_ckpt: str | None = None
     lora_rank: int | None = None
     lora_output_tflite_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def bits(self) -> dict[str, int]:
-        """Bits per weight kind after applying the shorthand (default int8, as the reference)."""
+        """Bits per weight kind after applying the shorthand (default int8, as the reference).
+
+        `int4` keeps the embedding (and untied output layer) at 8 bits unless
+        embedding_quant_bits says otherwise: at 4 bits they cost most of the quality.
+        """
         if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
             raise LlmToolError(
                 f"unknown quantization {self.quantization!r} (use {', '.join(QUANTIZATION_BITS)})"
@@ -49,6 +58,8 @@ class ConversionConfig:
         out = {}
         for kind in ("attention", "feedforward", "embedding"):
             value = getattr(self, f"{kind}_quant_bits")
+            if value is None and kind == "embedding" and base == 4:
+                value = 8
             value = base if value is None else int(value)
             if value not in VALID_BITS:
                 raise LlmToolError(f"{kind}_quant_bits must be one of 32, 16, 8, 4 (got {value})")
@@ -69,6 +80,17 @@ class ConversionConfig:
             if not self.model_type:
                 raise LlmToolError("no model type: give --model-type")
         self.bits()
+        check_block_size_option(self.block_size, self.is_symmetric)
+
+
+def check_block_size_option(block_size: int | None, symmetric: bool = True) -> None:
+    if block_size is None:
+        return
+    if block_size != 0 and block_size not in BLOCK_SIZES:
+        sizes = ", ".join(map(str, BLOCK_SIZES))
+        raise LlmToolError(f"block size must be {sizes} or 0 for per-channel (got {block_size})")
+    if block_size and not symmetric:
+        raise LlmToolError("blockwise quantization is symmetric: drop --no-is-symmetric")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -5,8 +5,8 @@ time) and `decode` (one token), inputs `tokens` [1,T] int32, `input_pos` [T] int
 [1,1,T,S] float32 (additive: 0 = attend, large negative = masked), and per layer
 `kv_cache_k_<i>` [1,KVH,S,D] and `kv_cache_v_<i>` [1,KVH,D,S]; outputs `logits` [1,T,V] and the
 updated caches under the input names. Builtin ops only. Weights keep the container's dtype
-(float32; float16 through DEQUANTIZE; int8/int4 per-channel dynamic range), and the two
-signatures share one copy of every weight buffer.
+(float32; float16 through DEQUANTIZE; int8/int4 per-channel or int4 blockwise dynamic range),
+and the two signatures share one copy of every weight buffer.
 
 Everything model-specific comes from the ModelSpec: the builder below only asks it questions.
 `pipelines/export.py` drives it (options, files, progress); `build_graph` is the whole entry.
@@ -51,10 +51,16 @@ class _Weights:
             self._buffers[key] = (self.writer.add_buffer(arr), arr.shape, str(arr.dtype))
         return self._buffers[key]
 
-    def lazy(self, key: str, nbytes: int, make: Callable[[], np.ndarray]) -> int:
+    def lazy(
+        self,
+        key: str,
+        nbytes: int,
+        make: Callable[[], np.ndarray],
+        alignment: int | None = None,
+    ) -> int:
         """A weight buffer filled only while the file is written (one weight in memory)."""
         if key not in self._lazy:
-            self._lazy[key] = self.writer.add_lazy_buffer(nbytes, make)
+            self._lazy[key] = self.writer.add_lazy_buffer(nbytes, make, alignment)
         return self._lazy[key]
 
 
@@ -142,16 +148,30 @@ class _Subgraph:
         dtype = infos[0].dtype
         shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
         quantized = dtype in ("int8", "int4")
-        if any(i.dtype != dtype for i in infos) or (
+        block = infos[0].block_size
+        if any(i.dtype != dtype or i.block_size != block for i in infos) or (
             quantized and any(np.any(i.zero_point != 0) for i in infos)
         ):
-            # Mixed dtypes, or asymmetric weights (dynamic-range kernels need symmetric ones):
-            # widen to float32 at export.
+            # Mixed dtypes or block sizes, or asymmetric weights (dynamic-range kernels need
+            # symmetric ones): widen to float32 at export.
             t = self.const("wf:" + key, lambda: np.concatenate([c.float(n) for n in names]))
         else:
             buf = self.w.lazy(key, _stacked_nbytes(shape, dtype), lambda: _runtime_layout(c, names))
             q = None
-            if quantized:
+            if block:
+                # LiteRT's blockwise int4 (XNNPACK's blockwise kernels): BlockwiseQuantization
+                # details naming a float16 scales constant [rows, columns / block], stacked
+                # along rows like the weights.
+                nb = shape[1] // block
+                sbuf = self.w.lazy(
+                    "s:" + key,
+                    2 * shape[0] * nb,
+                    lambda: np.concatenate([np.asarray(c.block_scales(n)) for n in names]),
+                    alignment=64,
+                )
+                scales = self.tensor((shape[0], nb), "float16", key[2:] + ".scales", sbuf)
+                q = Quantization.blockwise(scales, block)
+            elif quantized:
                 scale = np.concatenate([np.asarray(i.scale, np.float32) for i in infos])
                 q = Quantization(scale=scale, zero_point=np.zeros(len(scale), np.int64), axis=0)
             t = self.tensor(shape, dtype, key[2:], buf, q)

@@ -1,9 +1,15 @@
-"""Per-channel int8 / int4 weight quantization, dequantization and int4 packing.
+"""Per-channel and blockwise int8 / int4 weight quantization, dequantization and int4 packing.
 
 Layouts follow TFLite: int8 values are stored as they are; int4 values are signed
 two's-complement nibbles packed two per byte along the last axis, low nibble first
 (element 2i in the low nibble of byte i), an odd last dimension padded with a zero nibble.
 Dequantization is `(q - zero_point) * scale` per channel along `axis`.
+
+Blockwise (`block_size` > 0, axis 0, symmetric): each row is cut into blocks of `block_size`
+consecutive values along the last axis, each with its own scale (llama.cpp's Q4_0 / Q8_0 use
+blocks of 32). Scales are rounded to float16 before the values are, because that is how LiteRT
+stores them (XNNPACK's blockwise fully-connected kernels); `scale` is then float32
+[rows, columns // block_size] holding float16-exact values.
 
 Large tensors are processed in row blocks, so the peak extra memory is the output plus a
 few megabytes, never a float copy of the input.
@@ -30,10 +36,15 @@ class QuantizedTensor:
     bits: int  # 8 or 4
     shape: tuple[int, ...]  # logical shape
     axis: int = 0
+    block_size: int = 0  # > 0: scale is [shape[0], shape[-1] // block_size], zero points 0
 
     @property
     def symmetric(self) -> bool:
         return not np.any(self.zero_point)
+
+    @property
+    def blockwise(self) -> bool:
+        return self.block_size > 0
 
 
 def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -79,14 +90,20 @@ def _params(
     return scale, zero_point
 
 
-def quantize(w: np.ndarray, bits: int, symmetric: bool = True, axis: int = 0) -> QuantizedTensor:
+def quantize(
+    w: np.ndarray, bits: int, symmetric: bool = True, axis: int = 0, block_size: int = 0
+) -> QuantizedTensor:
     """Quantize per channel along `axis` (the output channel: 0 for [out, in] and [vocab, dim]).
 
     Symmetric: scale = max|w| / qmax, zero point 0, values in [-qmax, qmax] (qmax 127 or 7).
     Asymmetric: the channel range [min(w, 0), max(w, 0)] maps onto the full signed range
     ([-128, 127] or [-8, 7]) with a per-channel zero point inside that range.
-    An all-zero channel gets scale 1.
+    An all-zero channel gets scale 1. `block_size` > 0: see `quantize_blockwise`.
     """
+    if block_size:
+        if not symmetric or axis % max(np.ndim(w), 1) != 0:
+            raise ValueError("blockwise quantization is symmetric, along rows (axis 0)")
+        return quantize_blockwise(w, bits, block_size)
     w = np.asarray(w)
     if w.ndim == 0:
         raise ValueError("cannot quantize a scalar per channel")
@@ -132,8 +149,86 @@ def quantize(w: np.ndarray, bits: int, symmetric: bool = True, axis: int = 0) ->
     )
 
 
+def check_block_size(shape: tuple[int, ...], block_size: int) -> str | None:
+    """Why a tensor of this shape cannot be cut into blocks of `block_size` (None if it can)."""
+    if block_size < 2 or block_size % 2:
+        return f"block size must be an even number of at least 2 (got {block_size})"
+    if len(shape) != 2:
+        return f"blockwise quantization needs a matrix, not shape {list(shape)}"
+    if shape[1] % block_size:
+        return f"block size {block_size} does not divide the row length {shape[1]}"
+    return None
+
+
+def _block_scales(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """float16-exact positive scales (as float32) for blocks [..., block].
+
+    Like llama.cpp's Q4_0, a block whose largest magnitude is negative maps it to -2^(bits-1)
+    (the extra negative level), otherwise to 2^(bits-1) - 1: one more level than symmetric
+    [-qmax, qmax] for half of the blocks.
+    """
+    qmax = (1 << (bits - 1)) - 1
+    hi = blocks.max(axis=-1)
+    lo = blocks.min(axis=-1)
+    if not (np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))):
+        raise LlmToolError("cannot quantize a tensor that contains NaN or infinity")
+    neg = -lo > hi
+    amax = np.where(neg, -lo, hi)
+    scale = amax / np.where(neg, np.float32(qmax + 1), np.float32(qmax))
+    scale = np.minimum(scale, np.float32(np.finfo(np.float16).max))
+    scale = scale.astype(np.float16).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    small = scale < tiny
+    scale[small] = np.where(amax[small] > 0, tiny, np.float32(1.0))
+    return scale
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> QuantizedTensor:
+    """Symmetric quantization of a matrix with one float16 scale per `block_size` values of
+    a row; values lie in [-2^(bits-1), 2^(bits-1) - 1]."""
+    w = np.asarray(w)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"quantize expects a float array, got {w.dtype}")
+    shape = tuple(int(s) for s in w.shape)
+    problem = check_block_size(shape, block_size)
+    if problem:
+        raise LlmToolError(problem)
+    _qrange(bits, True)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    rows, cols = shape
+    blocks = w.reshape(rows, cols // block_size, block_size)
+    out = np.empty(shape if bits == 8 else packed_shape(shape), np.int8 if bits == 8 else np.uint8)
+    scale = np.empty((rows, cols // block_size), np.float32)
+    step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+    for r in range(0, rows, step):
+        chunk = blocks[r : r + step].astype(np.float32)
+        s = _block_scales(chunk, bits)
+        q = np.rint(chunk / s[..., None])
+        np.clip(q, qmin, qmax, out=q)
+        q = q.astype(np.int8).reshape(len(chunk), cols)
+        out[r : r + step] = q if bits == 8 else pack_int4(q)
+        scale[r : r + step] = s
+    return QuantizedTensor(
+        data=out,
+        scale=scale,
+        zero_point=np.zeros(rows, np.int64),
+        bits=bits,
+        shape=shape,
+        axis=0,
+        block_size=block_size,
+    )
+
+
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """float32 values `(q - zero_point) * scale`."""
+    if q.block_size:
+        values = (
+            np.asarray(q.data).reshape(q.shape) if q.bits == 8 else unpack_int4(q.data, q.shape)
+        )
+        rows, cols = q.shape
+        blocks = values.reshape(rows, cols // q.block_size, q.block_size).astype(np.float32)
+        blocks *= np.asarray(q.scale, np.float32).reshape(rows, -1, 1)
+        return blocks.reshape(q.shape)
     if q.bits == 8:
         values = np.asarray(q.data).reshape(q.shape)
     elif q.bits == 4:

@@ -234,3 +234,36 @@ def test_a_graph_is_not_a_container(tmp_path: Path) -> None:
     writer.write(path, alignment=64)
     with pytest.raises(LlmToolError, match="not a weights container"):
         Container.open(path)
+
+
+def test_blockwise_int4_round_trip(tmp_path: Path) -> None:
+    """Blockwise int4 is stored as LiteRT graphs store it: a float16 `.scales` tensor beside
+    the weight, named by BlockwiseQuantization details; the reader lists only the weight."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    plan = [
+        TensorPlan("a", (8, 64), "int4", block_size=32),
+        TensorPlan("b", (8, 64), "int4"),
+        TensorPlan("n", (8,), "float32"),
+    ]
+    path = tmp_path / "b.bin"
+    values = {"a": quantize(w, 4, block_size=32), "b": quantize(w, 4), "n": w[0, :8].copy()}
+    ContainerWriter(path, "X", plan, {}).write(lambda e: values[e.name])
+    with Container.open(path) as c:
+        assert c.names == ["a", "b", "n"]
+        assert c.info("a").block_size == 32 and c.info("b").block_size == 0
+        np.testing.assert_array_equal(c.float("a"), dequantize(values["a"]))
+        np.testing.assert_array_equal(c.block_scales("a"), values["a"].scale.astype(np.float16))
+        assert c.quantized("a").block_size == 32
+        assert np.abs(c.float("a") - w).mean() < np.abs(c.float("b") - w).mean()
+    tensors = read_model(path).subgraphs[0].tensors
+    assert [t.name for t in tensors] == ["a", "a.scales", "b", "n"]
+    assert tensors[0].quantization.scales == 1
+
+    bad = [TensorPlan("a", (8, 48), "int4", block_size=32)]
+    with pytest.raises(LlmToolError, match="does not divide the row length 48"):
+        ContainerWriter(tmp_path / "bad.bin", "X", bad, {})
+    wrong = [TensorPlan("a", (8, 64), "int4", block_size=64)]
+    with pytest.raises(LlmToolError, match="got block size 32, planned 64"):
+        ContainerWriter(tmp_path / "bad.bin", "X", wrong, {}).write(lambda e: values["a"])
+    assert not (tmp_path / "bad.bin").exists()

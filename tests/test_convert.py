@@ -18,6 +18,7 @@ from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
 from llmtool.pipelines.convert import convert
+from llmtool.quantization import unpack_int4
 from llmtool.spec import ModelSpec
 from llmtool.weights import WeightLoader, plan_weights
 from tests.tiny_models import MODEL_TYPES, load_reference
@@ -105,8 +106,19 @@ def test_quantized_within_error(model_type, quantization, bits, tiny_model, conv
                 assert value.ndim == 1 or "position" in name
                 np.testing.assert_array_equal(got, value)
                 continue
-            assert info.dtype == quantization
-            scale = np.asarray(info.scale).reshape(-1, 1)
+            embedding = "embedding" in name or "logits_ffn" in name
+            # int4 keeps embeddings and the output layer at 8 bits unless asked otherwise
+            assert info.dtype == ("int8" if embedding else quantization), name
+            q = c.quantized(name)
+            if q.block_size:  # one scale per block of a row
+                scale = np.repeat(q.scale, q.block_size, axis=1)
+                # a block whose extreme is negative maps it to -8 (Q4_0's extra level), so a
+                # positive value near the extreme is clipped at 7: within one step
+                clipped = unpack_int4(q.data, q.shape) == 7
+                assert np.all(np.abs(got - value)[clipped] <= scale[clipped] + 1e-6), name
+                assert np.all(np.abs(got - value)[~clipped] <= scale[~clipped] / 2 + 1e-6), name
+                continue
+            scale = np.asarray(q.scale).reshape(-1, 1)
             # Symmetric rounding: each value within half a step of its channel's scale.
             assert np.all(np.abs(got - value) <= scale / 2 + 1e-6), name
         assert quantization in kinds
@@ -321,6 +333,18 @@ def _bad(tmp_path: Path, folder: Path) -> list[tuple[list[str], str]]:
             "unknown quantization",
         ),
         (["inspect", str(folder / "config.json")], "config.json"),
+        (
+            base
+            + ["--model-type", "GEMMA_2B", "--input-ckpt", str(folder), "--quantization", "int4"]
+            + ["--block-size", "128"],  # the tiny Gemma's rows are 64 long
+            "does not divide the row length 64",
+        ),
+        (
+            base
+            + ["--model-type", "GEMMA_2B", "--input-ckpt", str(folder), "--quantization", "int4"]
+            + ["--block-size", "48"],
+            "block size must be 32, 64, 128",
+        ),
     ]
 
 

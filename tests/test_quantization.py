@@ -163,3 +163,53 @@ def test_pack_unpack_round_trip(shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(unpack_int4(p.reshape(-1), shape), v)  # flat input accepted
     with pytest.raises(ValueError):
         unpack_int4(p.reshape(-1)[:-1], shape)
+
+
+# --------------------------------------------------------------------------------------------
+# blockwise
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block", [32, 128])
+def test_blockwise_scales_and_error(bits: int, block: int) -> None:
+    w = _rng().standard_normal((40, 256)).astype(np.float32)
+    w[3, :32] *= 50  # an outlier block must not spoil the rest of its row
+    q = quantize(w, bits, block_size=block)
+    assert q.block_size == block and q.scale.shape == (40, 256 // block)
+    # scales are float16 values (how LiteRT stores them) and positive
+    np.testing.assert_array_equal(q.scale.astype(np.float16).astype(np.float32), q.scale)
+    assert np.all(q.scale > 0)
+    values = _values(q).astype(np.int64)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    assert values.min() >= lo and values.max() <= hi
+    # each block uses its extreme level: -2^(bits-1) if its extreme is negative, else qmax
+    blocks = values.reshape(40, -1, block)
+    wb = w.reshape(40, -1, block)
+    neg = -wb.min(-1) > wb.max(-1)
+    assert np.all(np.where(neg, blocks.min(-1) == lo, blocks.max(-1) == hi))
+    err = np.abs(dequantize(q) - w).reshape(40, -1, block)
+    step = q.scale[..., None]
+    assert np.all(err <= step * 1.0 + 1e-6)
+    assert np.mean(err <= step / 2 + 1e-6) > 0.99
+    # the outlier block only: the rest of row 3 keeps a fine step
+    assert q.scale[3, 0] > 10 * q.scale[3, 1:].max()
+
+
+def test_blockwise_beats_per_channel_int4() -> None:
+    w = _rng().standard_normal((64, 512)).astype(np.float32)
+    w[:, ::97] *= 8  # scattered outliers, as trained weights have
+    per_row = np.abs(dequantize(quantize(w, 4)) - w).mean()
+    blocked = np.abs(dequantize(quantize(w, 4, block_size=32)) - w).mean()
+    assert blocked < 0.7 * per_row
+
+
+def test_blockwise_rejects_bad_shapes() -> None:
+    w = np.ones((4, 688), np.float32)
+    with pytest.raises(LlmToolError, match="does not divide the row length 688"):
+        quantize(w, 4, block_size=32)
+    with pytest.raises(LlmToolError, match="needs a matrix"):
+        quantize(np.ones(64, np.float32), 4, block_size=32)
+    with pytest.raises(ValueError, match="symmetric"):
+        quantize(np.ones((4, 64), np.float32), 4, symmetric=False, block_size=32)
+    zeros = quantize(np.zeros((2, 64), np.float32), 4, block_size=32)
+    assert np.all(zeros.scale == 1) and np.all(dequantize(zeros) == 0)

@@ -499,3 +499,42 @@ def test_corrupt_files_raise_llmtool_error(tmp_path: Path) -> None:
         with pytest.raises(LlmToolError) as err:
             read_model(p)
         assert name in str(err.value), name
+
+
+def _values_int4(q) -> np.ndarray:
+    from llmtool.quantization import unpack_int4
+
+    return unpack_int4(q.data, q.shape).astype(np.float32)
+
+
+def test_fully_connected_blockwise_int4(tmp_path: Path) -> None:
+    """LiteRT's blockwise int4 encoding: BlockwiseQuantization details + float16 scales."""
+    rng = _rng()
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    w[2, 64:96] *= 30  # one block's scale must not leak into its neighbours
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    q = quantize(w, 4, block_size=32)
+    writer = ModelWriter(description="blockwise fc")
+    tensors = [
+        Tensor("x", (3, 128), "float32"),
+        Tensor("w", (16, 128), "int4", writer.add_buffer(q.data), Quantization.blockwise(3, 32)),
+        Tensor("y", (3, 16), "float32"),
+        Tensor("w.scales", (16, 4), "float16", writer.add_buffer(q.scale.astype(np.float16))),
+    ]
+    writer.add_subgraph(Subgraph("main", tensors, [0], [2], [
+        Operator("FULLY_CONNECTED", [0, 1, -1], [2], dict(FC_OPTIONS))
+    ]))
+    writer.add_signature(Signature("serving_default", 0, {"x": 0}, {"y": 2}))
+    path = tmp_path / "fcb.tflite"
+    writer.write(path, alignment=64)
+    back = read_model(path).subgraphs[0].tensors[1].quantization
+    assert back is not None and (back.block_size, back.scales) == (32, 3)
+    ref = x @ dequantize(q).T
+    y = _run_fc(path, x)
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-2
+    # the runtime honours every block's scale: reading one scale per row would be far off
+    wrong = x @ (_values_int4(q) * q.scale[:, :1]).T
+    assert np.abs(wrong - ref).max() > 10 * np.abs(y - ref).max()
+    with pytest.raises(ValueError, match="scales must be float16"):
+        tensors[3] = Tensor("w.scales", (16, 2), "float16", tensors[3].buffer)
+        writer.to_bytes()

@@ -3,7 +3,10 @@
 One subgraph named after the model type (e.g. "GEMMA_2B"), no operators, inputs or outputs;
 one tensor per weight with its real shape and dtype: FLOAT32, FLOAT16, INT8 with per-channel
 quantization parameters (scale, zero point, quantized_dimension = axis), or INT4 (signed
-nibbles packed two per byte along the last axis, same parameters). Data lives outside the
+nibbles packed two per byte along the last axis, same parameters). An INT4 tensor may instead
+be blockwise, encoded as LiteRT graphs encode it: BlockwiseQuantization details naming a
+FLOAT16 tensor `<name>.scales` [rows, columns / block_size] stored right after it (the reader
+lists only the weight; the exporter copies both buffers as they are). Data lives outside the
 flatbuffer in aligned blocks (see tflite_model.py); metadata entries are named byte strings.
 """
 
@@ -26,7 +29,7 @@ from llmtool.formats.tflite_model import (
     expected_nbytes,
     read_model,
 )
-from llmtool.quantization import QuantizedTensor, dequantize, packed_shape
+from llmtool.quantization import QuantizedTensor, check_block_size, dequantize, packed_shape
 
 DTYPES = ("float32", "float16", "int8", "int4")
 _FLOAT_NUMPY = {"float32": np.float32, "float16": np.float16}
@@ -41,6 +44,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: str  # "float32" | "float16" | "int8" | "int4"
     axis: int = 0  # quantized dimension (int8 / int4)
+    block_size: int = 0  # int4 only: > 0 for blockwise scales along the rows
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
@@ -52,9 +56,14 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
-    scale: np.ndarray | None  # float32 per channel (quantized tensors)
-    zero_point: np.ndarray | None  # int64 per channel (quantized tensors)
+    scale: np.ndarray | None  # float32 per channel (per-channel quantized tensors)
+    zero_point: np.ndarray | None  # int64 per channel (quantized tensors; 0 when blockwise)
     axis: int = 0
+    block_size: int = 0  # blockwise int4: the scales are read with `Container.block_scales`
+
+
+SCALES_SUFFIX = ".scales"
+SCALES_ALIGNMENT = 64  # scales are small: not worth a whole aligned block each
 
 
 def _nbytes(entry: TensorPlan) -> int:
@@ -93,6 +102,12 @@ class ContainerWriter:
                     f"tensor {e.name!r}: cannot quantize shape {list(e.shape)} along axis {e.axis}",
                     self.path,
                 )
+            if e.block_size:
+                problem = check_block_size(e.shape, e.block_size)
+                if e.dtype != "int4" or e.axis != 0:
+                    problem = "blockwise scales are for int4 tensors quantized along rows"
+                if problem:
+                    raise LlmToolError(f"tensor {e.name!r}: {problem}", self.path)
 
     def __enter__(self) -> ContainerWriter:
         return self
@@ -105,15 +120,27 @@ class ContainerWriter:
         finish the file atomically. Only one tensor is held in memory at a time."""
         writer = ModelWriter(description=f"llmtool weights container: {self.subgraph_name}")
         tensors: list[Tensor] = []
+        pending_scales: dict[str, np.ndarray] = {}
         for entry in self.plan:
             quant = None
-            if entry.dtype in _BITS:
+            if entry.block_size:
+                quant = Quantization.blockwise(len(tensors) + 1, entry.block_size)
+            elif entry.dtype in _BITS:
                 n = entry.shape[entry.axis]
                 quant = Quantization(np.ones(n, np.float32), np.zeros(n, np.int64), entry.axis)
             tensor = Tensor(entry.name, entry.shape, entry.dtype, 0, quant)
-            produce = self._filler(fill, entry, tensor)
+            produce = self._filler(fill, entry, tensor, pending_scales)
             tensor.buffer = writer.add_lazy_buffer(_nbytes(entry), produce)
             tensors.append(tensor)
+            if entry.block_size:
+                shape = (entry.shape[0], entry.shape[1] // entry.block_size)
+                scales = Tensor(entry.name + SCALES_SUFFIX, shape, "float16")
+                scales.buffer = writer.add_lazy_buffer(
+                    2 * shape[0] * shape[1],
+                    lambda n=entry.name: pending_scales.pop(n),
+                    alignment=SCALES_ALIGNMENT,
+                )
+                tensors.append(scales)
         writer.add_subgraph(Subgraph(self.subgraph_name, tensors, [], [], []))
         for name in sorted(self.metadata):
             writer.add_metadata(name, self.metadata[name])
@@ -125,11 +152,15 @@ class ContainerWriter:
         fill: Callable[[TensorPlan], np.ndarray | QuantizedTensor],
         entry: TensorPlan,
         tensor: Tensor,
+        pending_scales: dict[str, np.ndarray],
     ) -> Callable[[], np.ndarray]:
         def produce() -> np.ndarray:
             value = fill(entry)
             data, quant = self._check(entry, value)
-            if quant is not None:
+            if entry.block_size:
+                assert isinstance(value, QuantizedTensor)
+                pending_scales[entry.name] = np.asarray(value.scale, np.float32).astype(np.float16)
+            elif quant is not None:
                 tensor.quantization = quant
             return data
 
@@ -163,6 +194,11 @@ class ContainerWriter:
             raise LlmToolError(
                 f"{where}: quantized along axis {value.axis}, planned {entry.axis}", self.path
             )
+        if value.block_size != entry.block_size:
+            raise LlmToolError(
+                f"{where}: got block size {value.block_size}, planned {entry.block_size}",
+                self.path,
+            )
         want_shape = entry.shape if bits == 8 else packed_shape(entry.shape)
         want_dtype = np.int8 if bits == 8 else np.uint8
         data = np.asarray(value.data)
@@ -172,6 +208,16 @@ class ContainerWriter:
                 f"{np.dtype(want_dtype)}{list(want_shape)}",
                 self.path,
             )
+        if entry.block_size:
+            scale = np.asarray(value.scale, np.float32)
+            want = (entry.shape[0], entry.shape[1] // entry.block_size)
+            if scale.shape != want or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+                raise LlmToolError(
+                    f"{where}: needs finite positive scales of shape {list(want)}", self.path
+                )
+            if np.any(value.zero_point):
+                raise LlmToolError(f"{where}: blockwise tensors are symmetric", self.path)
+            return data, None
         n = entry.shape[entry.axis]
         scale = np.asarray(value.scale, np.float32).reshape(-1)
         zero_point = np.asarray(value.zero_point).reshape(-1)
@@ -199,15 +245,38 @@ class Container:
         sg = model.subgraphs[0]
         self.model_type: str = sg.name
         self.metadata: dict[str, bytes] = model.metadata
-        self._index: dict[str, int] = {}
+        self._index: dict[str, int] = {}  # name -> position in _infos
+        self._tensor: dict[str, int] = {}  # name -> tensor index in the subgraph
         self._infos: list[TensorInfo] = []
+        self._scales: dict[str, int] = {}  # blockwise weight -> index of its scales tensor
+        scale_tensors = {
+            t.quantization.scales
+            for t in sg.tensors
+            if t.quantization is not None and t.quantization.block_size
+        }
         for i, t in enumerate(sg.tensors):
+            if i in scale_tensors:
+                continue
             if t.name in self._index:
                 raise LlmToolError(f"tensor {t.name!r} appears twice", path)
             if t.dtype not in DTYPES:
                 raise LlmToolError(f"tensor {t.name!r} has unsupported dtype {t.dtype}", path)
             q = t.quantization
-            if t.dtype in _BITS:
+            if q is not None and q.block_size:
+                problem = check_block_size(tuple(t.shape), q.block_size)
+                st = sg.tensors[q.scales] if 0 <= q.scales < len(sg.tensors) else None
+                want = (t.shape[0], t.shape[-1] // q.block_size) if not problem else None
+                if (
+                    problem
+                    or t.dtype != "int4"
+                    or st is None
+                    or st.dtype != "float16"
+                    or tuple(st.shape) != want
+                    or model.buffers[st.buffer].size != 2 * int(np.prod(st.shape))
+                ):
+                    raise LlmToolError(f"tensor {t.name!r}: malformed blockwise scales", path)
+                self._scales[t.name] = q.scales
+            elif t.dtype in _BITS:
                 if q is None or not t.shape or len(q.scale) != t.shape[q.axis]:
                     raise LlmToolError(
                         f"tensor {t.name!r} lacks per-channel quantization parameters", path
@@ -216,16 +285,22 @@ class Container:
                 TensorPlan(t.name, t.shape, t.dtype)
             ):
                 raise LlmToolError(f"tensor {t.name!r}: stored data has the wrong size", path)
-            self._index[t.name] = i
+            self._index[t.name] = len(self._infos)
+            self._tensor[t.name] = i
+            blockwise = q is not None and q.block_size > 0
+            per_channel = q is not None and t.dtype in _BITS and not blockwise
             self._infos.append(
                 TensorInfo(
                     name=t.name,
                     shape=tuple(t.shape),
                     dtype=t.dtype,
                     nbytes=model.buffers[t.buffer].size,
-                    scale=q.scale if q is not None and t.dtype in _BITS else None,
-                    zero_point=q.zero_point if q is not None and t.dtype in _BITS else None,
-                    axis=q.axis if q is not None and t.dtype in _BITS else 0,
+                    scale=q.scale if per_channel else None,
+                    zero_point=(q.zero_point if per_channel else np.zeros(t.shape[0], np.int64))
+                    if per_channel or blockwise
+                    else None,
+                    axis=q.axis if per_channel else 0,
+                    block_size=q.block_size if blockwise else 0,
                 )
             )
 
@@ -244,13 +319,29 @@ class Container:
     def raw(self, name: str) -> np.ndarray:
         """The stored data as a read-only view: float32/float16/int8 in the tensor's shape,
         int4 as uint8 packed bytes shaped (*shape[:-1], ceil(n/2))."""
-        return self._model.tensor_data(0, self._lookup(name))
+        return self._model.tensor_data(0, self._tensor[self._infos[self._lookup(name)].name])
+
+    def block_scales(self, name: str) -> np.ndarray:
+        """The float16 scales [rows, columns / block_size] of a blockwise tensor (a view)."""
+        if name not in self._scales:
+            raise LlmToolError(f"tensor {name!r} is not blockwise", self.path)
+        return self._model.tensor_data(0, self._scales[name])
 
     def quantized(self, name: str) -> QuantizedTensor | None:
         """The stored values and parameters of an int8/int4 tensor (None for float tensors)."""
         info = self.info(name)
         if info.dtype not in _BITS:
             return None
+        if info.block_size:
+            return QuantizedTensor(
+                data=self.raw(name),
+                scale=self.block_scales(name).astype(np.float32),
+                zero_point=np.zeros(info.shape[0], np.int64),
+                bits=4,
+                shape=info.shape,
+                axis=0,
+                block_size=info.block_size,
+            )
         assert info.scale is not None and info.zero_point is not None
         data = self.raw(name)
         if info.dtype == "int8":

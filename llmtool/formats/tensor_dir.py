@@ -4,7 +4,8 @@ Writer (`TensorDir`) and reader (`read_layer_info`, `read_metadata`, `read_tenso
 `llmtool convert --output-dir` writes and `--combine-file-only` combines. Each tensor is a file
 of raw little-endian bytes named as in the container; quantized tensors get
 `<name>_quantized_scale` (float32) and `<name>_quantized_zp` (int32) files beside them, as the
-reference converter writes; `layer_info.txt` lists `mdl_vars.<name>.<dtype>.<dims>` lines.
+reference converter writes (a blockwise int4 tensor has rows x blocks scales: the block size is
+read from that file's length); `layer_info.txt` lists `mdl_vars.<name>.<dtype>.<dims>` lines.
 llmtool adds a `metadata/` folder holding the container's metadata entries as files.
 """
 
@@ -73,8 +74,19 @@ def read_layer_info(folder: Path) -> list[TensorPlan]:
             shape = tuple(int(d) for d in dims.split("_"))
         except ValueError:
             raise LlmToolError(f"unexpected line {line[:60]!r}", path) from None
-        plan.append(TensorPlan(name, shape, dtype))
+        plan.append(TensorPlan(name, shape, dtype, block_size=_block_size(folder, name, shape)))
     return plan
+
+
+def _block_size(folder: Path, name: str, shape: tuple[int, ...]) -> int:
+    """The block size of a blockwise tensor from its scale file's length (0 if per-channel)."""
+    scale = folder / f"{name}_quantized_scale"
+    if len(shape) != 2 or not scale.is_file():
+        return 0
+    count = scale.stat().st_size // 4
+    if count in (0, shape[0]) or (shape[0] * shape[1]) % count:
+        return 0
+    return (shape[0] * shape[1]) // count
 
 
 def read_metadata(folder: Path) -> dict[str, bytes]:
@@ -120,8 +132,17 @@ def read_tensor(folder: Path, entry: TensorPlan) -> np.ndarray | QuantizedTensor
         if zp_path.is_file()
         else np.zeros(entry.shape[0], dtype=np.int64)
     )
-    if scale.size != entry.shape[0] or zero_point.size != entry.shape[0]:
+    blocks = entry.shape[1] // entry.block_size if entry.block_size else 1
+    if scale.size != entry.shape[0] * blocks or zero_point.size != entry.shape[0]:
         raise LlmToolError(f"quantization parameters of {entry.name!r} do not match", folder)
+    if entry.block_size:
+        scale = scale.reshape(entry.shape[0], blocks)
     return QuantizedTensor(
-        data=data, scale=scale, zero_point=zero_point, bits=bits, shape=entry.shape, axis=0
+        data=data,
+        scale=scale,
+        zero_point=zero_point,
+        bits=bits,
+        shape=entry.shape,
+        axis=0,
+        block_size=entry.block_size,
     )

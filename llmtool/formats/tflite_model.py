@@ -117,16 +117,29 @@ def expected_nbytes(shape: tuple[int, ...], dtype: str) -> int | None:
 
 @dataclass
 class Quantization:
-    """Per-tensor (one value) or per-channel (along `axis`) affine quantization."""
+    """Per-tensor (one value) or per-channel (along `axis`) affine quantization, or blockwise.
+
+    Blockwise (`block_size` > 0; LiteRT's BlockwiseQuantization details): `scale` and
+    `zero_point` are empty and `scales` is the index of a FLOAT16 constant tensor
+    [rows, columns // block_size] in the same subgraph; zero points are 0.
+    """
 
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int = 0
+    block_size: int = 0
+    scales: int = -1  # blockwise: index of the scales tensor
+
+    @classmethod
+    def blockwise(cls, scales: int, block_size: int) -> Quantization:
+        return cls(np.zeros(0, np.float32), np.zeros(0, np.int64), 0, block_size, scales)
 
     def __post_init__(self) -> None:
         self.scale = np.array(self.scale, dtype=np.float32, copy=True).reshape(-1)
         self.zero_point = np.array(self.zero_point, dtype=np.int64, copy=True).reshape(-1)
         self.axis = int(self.axis)
+        self.block_size = int(self.block_size)
+        self.scales = int(self.scales)
 
 
 @dataclass
@@ -297,6 +310,7 @@ class _Buffer:
     nbytes: int
     data: BufferData | None = None
     fill: Callable[[], BufferData] | None = None
+    alignment: int | None = None  # None: the file's alignment
 
 
 def _as_bytes_view(data: BufferData) -> memoryview:
@@ -335,13 +349,17 @@ class ModelWriter:
         self._buffers.append(_Buffer(nbytes, data=data))
         return len(self._buffers) - 1
 
-    def add_lazy_buffer(self, nbytes: int, fill: Callable[[], BufferData]) -> int:
+    def add_lazy_buffer(
+        self, nbytes: int, fill: Callable[[], BufferData], alignment: int | None = None
+    ) -> int:
         """A buffer of `nbytes` whose bytes `fill()` returns while the file is written.
 
         Fills run in buffer order; a fill may update tensors' quantization values (their
         lengths must already be final, since the flatbuffer's space is reserved beforehand).
+        `alignment` (a power of two) overrides the file's alignment for small side data such
+        as blockwise scales, which would otherwise cost a whole aligned block each.
         """
-        self._buffers.append(_Buffer(int(nbytes), fill=fill))
+        self._buffers.append(_Buffer(int(nbytes), fill=fill, alignment=alignment))
         return len(self._buffers) - 1
 
     def add_subgraph(self, subgraph: Subgraph) -> int:
@@ -400,7 +418,9 @@ class ModelWriter:
                             f"{want} bytes but buffer {t.buffer} holds {have}"
                         )
                 q = t.quantization
-                if q is not None:
+                if q is not None and q.block_size:
+                    self._check_blockwise(where, sg, t, q)
+                elif q is not None:
                     if len(q.scale) != len(q.zero_point):
                         raise ValueError(f"{where}: tensor {t.name!r}: scale/zero point lengths")
                     if len(q.scale) > 1 and (
@@ -437,6 +457,23 @@ class ModelWriter:
         names = [n for n, _ in self.metadata]
         if len(set(names)) != len(names):
             raise ValueError("duplicate metadata names")
+
+    @staticmethod
+    def _check_blockwise(where: str, sg: Subgraph, t: Tensor, q: Quantization) -> None:
+        if len(t.shape) != 2 or t.shape[1] % q.block_size:
+            raise ValueError(
+                f"{where}: tensor {t.name!r}: block size {q.block_size} does not fit "
+                f"shape {list(t.shape)}"
+            )
+        if not 0 <= q.scales < len(sg.tensors):
+            raise ValueError(f"{where}: tensor {t.name!r}: no scales tensor {q.scales}")
+        st = sg.tensors[q.scales]
+        want = (t.shape[0], t.shape[1] // q.block_size)
+        if st.dtype != "float16" or tuple(st.shape) != want:
+            raise ValueError(
+                f"{where}: tensor {t.name!r}: scales must be float16{list(want)}, "
+                f"got {st.dtype}{list(st.shape)}"
+            )
 
     # -- flatbuffer ------------------------------------------------------------------------
 
@@ -525,7 +562,7 @@ class ModelWriter:
         offsets, pos = [], start
         for buf in self._buffers:
             if buf.nbytes:
-                off = _round_up(pos, alignment)
+                off = _round_up(pos, min(buf.alignment or alignment, alignment))
                 offsets.append(off)
                 pos = off + buf.nbytes
             else:
@@ -597,7 +634,14 @@ def _tensor_t(t: Tensor) -> Any:
     if t.shape_signature is not None:
         tt.shapeSignature = np.asarray(t.shape_signature, dtype=np.int32).reshape(-1)
     q = t.quantization
-    if q is not None:
+    if q is not None and q.block_size:
+        qt = schema.QuantizationParametersT()
+        details = schema.BlockwiseQuantizationT()
+        details.scales, details.zeroPoints, details.blockSize = q.scales, -1, q.block_size
+        qt.detailsType = schema.QuantizationDetails.BlockwiseQuantization
+        qt.details = details
+        tt.quantization = qt
+    elif q is not None:
         qt = schema.QuantizationParametersT()
         qt.scale = np.ascontiguousarray(q.scale, dtype=np.float32).reshape(-1)
         qt.zeroPoint = np.ascontiguousarray(q.zero_point, dtype=np.int64).reshape(-1)
@@ -792,7 +836,13 @@ def _subgraph_from(sg: Any, opcodes: list[tuple[int, int, str | None]]) -> Subgr
     for t in sg.tensors or []:
         q = None
         qp = t.quantization
-        if qp is not None and qp.scale is not None and len(qp.scale):
+        if (
+            qp is not None
+            and qp.detailsType == schema.QuantizationDetails.BlockwiseQuantization
+            and qp.details is not None
+        ):
+            q = Quantization.blockwise(int(qp.details.scales), int(qp.details.blockSize))
+        elif qp is not None and qp.scale is not None and len(qp.scale):
             zp = qp.zeroPoint if qp.zeroPoint is not None else np.zeros(len(qp.scale), np.int64)
             q = Quantization(scale=qp.scale, zero_point=zp, axis=int(qp.quantizedDimension))
         sig = t.shapeSignature

@@ -19,7 +19,7 @@ import numpy as np
 from llmtool._version import __version__
 from llmtool.architectures import check_config_matches, get_architecture
 from llmtool.checkpoint import Checkpoint
-from llmtool.config import ConversionConfig
+from llmtool.config import DEFAULT_BLOCK_SIZE, ConversionConfig
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import ContainerWriter, TensorPlan
@@ -42,6 +42,31 @@ def storage_dtype(kind: str, bits: dict[str, int]) -> str:
     if kind == "float":
         return "float32"
     return {32: "float32", 16: "float16", 8: "int8", 4: "int4"}[bits[kind]]
+
+
+def storage_plan(
+    name: str,
+    shape: tuple[int, ...],
+    kind: str,
+    bits: dict[str, int],
+    block_size: int | None,
+    symmetric: bool = True,
+) -> TensorPlan:
+    """How one tensor is stored. int4 matrices are blockwise: `block_size` if given (it must
+    divide the row), else DEFAULT_BLOCK_SIZE where it divides the row and one scale per row
+    where it does not (XNNPACK's blockwise kernels need whole blocks of a multiple of 32)."""
+    dtype = storage_dtype(kind, bits)
+    if dtype != "int4" or not symmetric or len(shape) != 2 or block_size == 0:
+        return TensorPlan(name, shape, dtype)
+    if block_size is None:
+        block = DEFAULT_BLOCK_SIZE if shape[1] % DEFAULT_BLOCK_SIZE == 0 else 0
+        return TensorPlan(name, shape, dtype, block_size=block)
+    if shape[1] % block_size:
+        raise LlmToolError(
+            f"block size {block_size} does not divide the row length {shape[1]} of {name} "
+            "(choose another --block-size, or 0 for one scale per row)"
+        )
+    return TensorPlan(name, shape, dtype, block_size=block_size)
 
 
 def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict[str, Any]:
@@ -86,6 +111,13 @@ def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict
         "is_symmetric": config.is_symmetric,
         "ignored_tensors": ignored,
     }
+    plan = [
+        storage_plan(t.name, t.shape, t.kind, bits, config.block_size, config.is_symmetric)
+        for t in planned
+    ]
+    blocks = sorted({e.block_size for e in plan if e.dtype == "int4"})
+    if blocks:
+        conversion["int4_block_sizes"] = blocks
     metadata = {
         keys.LLM_PARAMETERS: encode_llm_parameters(llm_parameters(spec, tokenizer.info())),
         keys.BACKEND: config.backend.encode(),
@@ -94,7 +126,6 @@ def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict
         keys.CONVERSION: json.dumps(conversion, sort_keys=True).encode(),
         **keys.pack_tokenizer(tok_files),
     }
-    plan = [TensorPlan(t.name, t.shape, storage_dtype(t.kind, bits)) for t in planned]
     by_name = {t.name: t for t in planned}
     loader = WeightLoader(ckpt, spec)
     tensor_dir = TensorDir(Path(config.output_dir)) if config.output_dir else None
@@ -103,7 +134,7 @@ def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict
     def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
         nonlocal done
         progress(done, len(plan), entry.name)
-        value = encode_tensor(loader.load(by_name[entry.name]), entry.dtype, config.is_symmetric)
+        value = encode_tensor(loader.load(by_name[entry.name]), entry, config.is_symmetric)
         if tensor_dir is not None:
             tensor_dir.write(entry, value)
         done += 1
@@ -134,13 +165,18 @@ def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict
     }
 
 
-def encode_tensor(w: np.ndarray, dtype: str, symmetric: bool) -> np.ndarray | QuantizedTensor:
-    """A float32 tensor in its storage dtype."""
-    if dtype == "float32":
+def encode_tensor(
+    w: np.ndarray, entry: TensorPlan, symmetric: bool = True
+) -> np.ndarray | QuantizedTensor:
+    """A float32 tensor in its planned storage dtype (and block size)."""
+    if entry.dtype == "float32":
         return np.ascontiguousarray(w, dtype=np.float32)
-    if dtype == "float16":
+    if entry.dtype == "float16":
         return w.astype(np.float16)
-    return quantize(w, bits=8 if dtype == "int8" else 4, symmetric=symmetric, axis=0)
+    bits = 8 if entry.dtype == "int8" else 4
+    if entry.block_size:
+        return quantize(w, bits=bits, block_size=entry.block_size)
+    return quantize(w, bits=bits, symmetric=symmetric, axis=0)
 
 
 def combine_output_dir(folder: Path, output: Path, progress: Progress) -> dict[str, Any]:
@@ -166,5 +202,3 @@ def combine_output_dir(folder: Path, output: Path, progress: Progress) -> dict[s
         "tensors": len(plan),
         "combined_from": str(folder),
     }
-
-

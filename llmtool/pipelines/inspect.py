@@ -79,8 +79,14 @@ def describe(path: Path) -> dict[str, Any]:
             ),
             "tokenizer": Tokenizer.from_files(files).info() if files else None,
             "metadata_keys": sorted(meta),
+            "int4_block_sizes": conversion.get("int4_block_sizes"),
             "tensors": [
-                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": f"{t.dtype}/b{t.block_size}" if t.block_size else t.dtype,
+                    "bytes": t.nbytes,
+                }
                 for t in c
             ],
         }
