@@ -203,7 +203,10 @@ def convert(
 @friendly_errors
 def inspect(
     file: Annotated[
-        Path | None, typer.Argument(help="A converted model (.bin) or an exported graph (.tflite).")
+        Path | None,
+        typer.Argument(
+            help="A converted model (.bin), a graph (.tflite) or a bundle (.task, .litertlm)."
+        ),
     ] = None,
     default: Annotated[
         bool, typer.Option("--default", help="Inspect the embedded default model.")
@@ -220,7 +223,8 @@ def inspect(
         print_json(info)
         return
     out.print(f"[bold]{info['file']}[/]  {human_bytes(info['file_bytes'])}")
-    for key in ("model_type", "backend", "parameters", "quant_bits", "int4_block_sizes"):
+    keys_shown = ("kind", "model_type", "backend", "parameters", "quant_bits", "int4_block_sizes")
+    for key in (*keys_shown, "metadata"):
         if info.get(key) is not None:
             out.print(f"  {key}: {info[key]}", highlight=False)
     tok = info.get("tokenizer") or {}
@@ -233,6 +237,11 @@ def inspect(
     for key, sig in (info.get("signatures") or {}).items():
         ins = ", ".join(f"{n}{v[0]}" for n, v in list(sig["inputs"].items())[:4])
         out.print(f"  signature {key}: {sig['operators']} ops; inputs {ins}, ...", highlight=False)
+    if info.get("entries"):
+        table = Table("entry", "offset", "bytes", box=None, pad_edge=False)
+        for e in info["entries"]:
+            table.add_row(e["name"], str(e["offset"]), str(e["bytes"]))
+        out.print(table)
     if info["tensors"]:
         table = Table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
         for t in info["tensors"]:
@@ -290,6 +299,68 @@ def export(
     out.print(
         f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
         f"signatures {', '.join(summary['signatures'])}, KV cache {summary['max_seq_len']})",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# bundle
+
+
+@app.command()
+@friendly_errors
+def bundle(
+    tflite_model: Annotated[
+        str | None, typer.Option(help="Exported graph with prefill_<T>/decode signatures.")
+    ] = None,
+    tokenizer_model: Annotated[
+        str | None,
+        typer.Option(help="tokenizer.model, tokenizer.json, or the folder holding them."),
+    ] = None,
+    start_token: Annotated[
+        str | None, typer.Option(help="Token put before every prompt (default: the BOS).")
+    ] = None,
+    stop_tokens: Annotated[
+        list[str] | None,
+        typer.Option("--stop-tokens", help="Token that ends generation; repeat for several."),
+    ] = None,
+    output_filename: Annotated[
+        str | None, typer.Option(help="The bundle to write: NAME.task or NAME.litertlm.")
+    ] = None,
+    enable_bytes_to_unicode_mapping: Annotated[
+        bool | None,
+        typer.Option(
+            "--enable-bytes-to-unicode-mapping",
+            help="The SentencePiece model works on GPT-2's byte-mapped text (.task).",
+        ),
+    ] = None,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="Text said once at the start of a session.")
+    ] = None,
+    prompt_prefix: Annotated[str | None, typer.Option(help="Text before each prompt.")] = None,
+    prompt_suffix: Annotated[str | None, typer.Option(help="Text after each prompt.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Shortcut: a converted .bin; its graph, tokenizer and tokens."),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bundle a graph and its tokenizer into a ship-ready .task or .litertlm."""
+    from llmtool.config import BundleConfig, merge_config
+    from llmtool.pipelines.bundle import bundle as run_bundle
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "json_out")}
+    cfg = merge_config(BundleConfig, config, flags)
+    with ProgressBar("bundling", enabled=not json_out) as bar:
+        summary = run_bundle(cfg, progress=bar)
+    if json_out:
+        print_json(summary)
+        return
+    start = summary["start_token"]
+    out.print(
+        f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
+        f"{summary['tokenizer']} tokenizer, start {start!r}, stop {summary['stop_tokens']})",
         highlight=False,
     )
 

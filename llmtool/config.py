@@ -93,6 +93,39 @@ def check_block_size_option(block_size: int | None, symmetric: bool = True) -> N
         raise LlmToolError("blockwise quantization is symmetric: drop --no-is-symmetric")
 
 
+@dataclass
+class BundleConfig:
+    """What `llmtool bundle` does; field names follow MediaPipe's BundleConfig."""
+
+    tflite_model: str | None = None  # an exported graph with prefill_<T>/decode signatures
+    tokenizer_model: str | None = None  # tokenizer.model, tokenizer.json, or their folder
+    start_token: str | None = None  # default: the tokenizer's BOS when it adds one
+    stop_tokens: list[str] | None = None  # default: the tokenizer's stop tokens
+    output_filename: str | None = None  # .task or .litertlm, by its extension
+    enable_bytes_to_unicode_mapping: bool | None = None  # SentencePiece over GPT-2 byte chars
+    system_prompt: str | None = None  # said once at the start of a session
+    prompt_prefix: str | None = None  # before each user prompt
+    prompt_suffix: str | None = None  # after each user prompt
+    model: str | None = None  # shortcut: a converted .bin gives graph, tokenizer and tokens
+
+    def validate(self) -> None:
+        if not self.output_filename:
+            raise LlmToolError("no output file: give --output-filename (.task or .litertlm)")
+        if self.model and self.tflite_model:
+            raise LlmToolError("give --model (a converted .bin) or --tflite-model, not both")
+        if not self.model and not self.tflite_model:
+            raise LlmToolError("no model: give --tflite-model (and --tokenizer-model) or --model")
+        if self.tflite_model and not self.tokenizer_model:
+            raise LlmToolError("no tokenizer: give --tokenizer-model")
+        if self.stop_tokens is not None:
+            if isinstance(self.stop_tokens, str):
+                self.stop_tokens = [self.stop_tokens]
+            if not isinstance(self.stop_tokens, list) or not all(
+                isinstance(t, str) and t for t in self.stop_tokens
+            ):
+                raise LlmToolError("stop_tokens must be a list of non-empty strings")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -157,6 +157,7 @@ class Tokenizer:
         self._split_re: re.Pattern[str] | None = None  # SentencePiece: added tokens in text
         self._split_ids: dict[str, int] = {}
         self._byte_ids: frozenset[int] | None = None
+        self.bytes_to_unicode = False  # SentencePiece over GPT-2's byte-mapped text (.task)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -321,7 +322,43 @@ class Tokenizer:
             ids = ids + self._suffix
         return ids
 
+    def use_bytes_to_unicode(self) -> None:
+        """Encode the byte-mapped text and map decoded text back, as the reference runtime does
+        for a `.task` whose METADATA asks for BYTES_TO_UNICODE (a byte-level BPE model stored as
+        SentencePiece)."""
+        if self._sp is None:
+            raise LlmToolError("bytes-to-unicode mapping needs a SentencePiece model")
+        self.bytes_to_unicode = True
+
+    def use_start_and_stop(self, start_token: str | None, stop_tokens: Sequence[str]) -> None:
+        """Take BOS and stop tokens from a bundle's metadata (see use_start_and_stop_ids)."""
+        ids = []
+        for token in [*([start_token] if start_token is not None else []), *stop_tokens]:
+            token_id = self.token_to_id(token)
+            if token_id is None:
+                raise LlmToolError(f"token {token!r} is not in the tokenizer")
+            ids.append(token_id)
+        start_id = ids.pop(0) if start_token is not None else None
+        self.use_start_and_stop_ids(start_id, ids)
+
+    def use_start_and_stop_ids(self, start_id: int | None, stop_ids: Sequence[int]) -> None:
+        """The runtime prepends the start token (nothing when there is none) and stops at any
+        stop token, whatever the tokenizer's own configuration says."""
+        for token_id in [*([start_id] if start_id is not None else []), *stop_ids]:
+            if not 0 <= token_id < self.vocab_size:
+                raise LlmToolError(f"token id {token_id} is not in the tokenizer")
+        if start_id is not None:
+            self.bos_id, self._prefix = start_id, [start_id]
+        self.add_bos = start_id is not None
+        self.stop_ids = sorted(set(stop_ids))
+        if self.stop_ids and self.eos_id not in self.stop_ids:
+            self.eos_id = self.stop_ids[0]
+
     def _encode_sentencepiece(self, text: str) -> list[int]:
+        if self.bytes_to_unicode:
+            from llmtool.formats.sentencepiece_bpe import bytes_to_unicode
+
+            text = bytes_to_unicode(text)
         if self._split_re is None:
             return list(self._sp.encode(text))
         ids: list[int] = []
@@ -345,6 +382,14 @@ class Tokenizer:
         ids = [i for i in map(int, ids) if 0 <= i < size]
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=skip_special)
+        if self.bytes_to_unicode:
+            from llmtool.formats.sentencepiece_bpe import unicode_to_bytes
+
+            text = self._decode_sentencepiece(ids, skip_special)
+            return unicode_to_bytes(text).decode("utf-8", errors="replace")
+        return self._decode_sentencepiece(ids, skip_special)
+
+    def _decode_sentencepiece(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
             return self._sp.decode([i for i in ids if i not in self._special_ids])
         # SentencePiece drops control pieces and renders <unk> as " ⁇ "; transformers prints

@@ -143,8 +143,20 @@ def task_bundle_entries(path: str | Path) -> dict[str, BundleEntry]:
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-            entries = {}
+            entries: dict[str, BundleEntry] = {}
+            spans: list[tuple[int, int, str]] = []
             for info in zf.infolist():
+                name = info.filename
+                if (
+                    not name
+                    or name.startswith(("/", "\\"))
+                    or any(part in ("", ".", "..") for part in name.replace("\\", "/").split("/"))
+                    or ":" in name
+                    or "\0" in name
+                ):
+                    raise LlmToolError(f"entry name {name!r} escapes the bundle", path)
+                if name in entries:
+                    raise LlmToolError(f"entry {name} appears twice", path)
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise LlmToolError(f"entry {info.filename} is compressed, not stored", path)
                 f.seek(info.header_offset)
@@ -154,9 +166,18 @@ def task_bundle_entries(path: str | Path) -> dict[str, BundleEntry]:
                 fields = _LOCAL_HEADER.unpack(header)
                 name_len, extra_len = fields[-2], fields[-1]
                 offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-                entries[info.filename] = BundleEntry(info.filename, offset, info.file_size)
+                entries[name] = BundleEntry(name, offset, info.file_size)
+                spans.append((info.header_offset, offset + info.compress_size, name))
+            end_of_data = zf.start_dir
     except (zipfile.BadZipFile, OSError) as exc:
         raise LlmToolError(f"not a .task bundle ({exc})", path) from None
+    previous_end, previous = 0, ""
+    for start, end, name in sorted(spans):
+        if start < previous_end:
+            raise LlmToolError(f"entry {name} overlaps entry {previous}", path)
+        if end > end_of_data:
+            raise LlmToolError(f"entry {name} runs past the end of the data", path)
+        previous_end, previous = end, name
     missing = [n for n in ENTRY_NAMES if n not in entries]
     if missing:
         raise LlmToolError(f"bundle lacks {', '.join(missing)}", path)

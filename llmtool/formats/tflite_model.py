@@ -743,6 +743,16 @@ def read_model(path: str | Path) -> ModelFile:
     return _parse(data, path)
 
 
+def read_model_at(path: str | Path, offset: int, size: int) -> ModelFile:
+    """Parse a model stored inside another file (a bundle entry), memory-mapped in place."""
+    path = Path(path)
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
+    except (OSError, ValueError) as e:
+        raise LlmToolError(f"cannot map file: {e}", path) from None
+    return _parse(data, path)
+
+
 def read_model_bytes(content: bytes) -> ModelFile:
     """Parse a model held in memory (e.g. from `ModelWriter.to_bytes`)."""
     return _parse(np.frombuffer(content, dtype=np.uint8), None)

@@ -11,7 +11,7 @@ import numpy as np
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
-from llmtool.formats.tflite_model import read_model
+from llmtool.formats.tflite_model import ModelFile, read_model, read_model_at
 from llmtool.spec import ModelSpec
 from llmtool.tokenizer import Tokenizer
 
@@ -33,27 +33,77 @@ def describe_graph(path: Path) -> dict[str, Any]:
     """An exported graph: its signatures with their inputs and outputs."""
     with read_model(path) as m:
         info: dict[str, Any] = {"file": str(path), "file_bytes": Path(path).stat().st_size}
-        if keys.MODEL_SPEC in m.metadata:
-            info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC]).model_type
-        if keys.GRAPH in m.metadata:
-            info["graph"] = json.loads(m.metadata[keys.GRAPH])
+        info.update(_graph_info(m))
         files = keys.unpack_tokenizer(m.metadata)
         info["tokenizer"] = Tokenizer.from_files(files).info() if files else None
-        info["signatures"] = {}
-        for sig in m.signatures:
-            tensors = m.subgraphs[sig.subgraph_index].tensors
-            info["signatures"][sig.key] = {
-                side: {n: [list(tensors[i].shape), tensors[i].dtype] for n, i in names.items()}
-                for side, names in (("inputs", sig.inputs), ("outputs", sig.outputs))
-            }
-            info["signatures"][sig.key]["operators"] = len(
-                m.subgraphs[sig.subgraph_index].operators
-            )
         info["tensors"] = []
         return info
 
 
+def _graph_info(m: ModelFile) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    if keys.MODEL_SPEC in m.metadata:
+        info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC]).model_type
+    if keys.GRAPH in m.metadata:
+        info["graph"] = json.loads(m.metadata[keys.GRAPH])
+    info["signatures"] = {}
+    for sig in m.signatures:
+        tensors = m.subgraphs[sig.subgraph_index].tensors
+        info["signatures"][sig.key] = {
+            side: {n: [list(tensors[i].shape), tensors[i].dtype] for n, i in names.items()}
+            for side, names in (("inputs", sig.inputs), ("outputs", sig.outputs))
+        }
+        info["signatures"][sig.key]["operators"] = len(m.subgraphs[sig.subgraph_index].operators)
+    return info
+
+
+def describe_bundle(path: Path, kind: str) -> dict[str, Any]:
+    """A .task or .litertlm: its entries (sections), metadata, tokenizer and graph signatures.
+    Entries that escape the archive or overlap are refused by the readers."""
+    from google.protobuf import text_format
+
+    from llmtool.pipelines.resolve import bundle_tokenizer
+
+    info: dict[str, Any] = {"file": str(path), "file_bytes": path.stat().st_size, "kind": kind}
+    if kind == "task":
+        from llmtool.formats.task_bundle import (
+            METADATA_ENTRY,
+            read_task_bundle,
+            task_bundle_entries,
+        )
+
+        entries = task_bundle_entries(path)
+        info["entries"] = [
+            {"name": e.name, "offset": e.offset, "bytes": e.size} for e in entries.values()
+        ]
+        raw = read_task_bundle(path, (METADATA_ENTRY,))[METADATA_ENTRY]
+        info["metadata"] = decode_llm_parameters(raw)
+        graph = entries["TF_LITE_PREFILL_DECODE"]
+        at, size = graph.offset, graph.size
+    else:
+        from llmtool.formats.litertlm import read_litertlm
+
+        content = read_litertlm(path)
+        info["entries"] = [
+            {"name": s.kind, "offset": s.begin, "bytes": s.size, **s.items}
+            for s in content["sections"]
+        ]
+        info["metadata"] = text_format.MessageToString(content["metadata"], as_one_line=True)
+        at, size = content["graph"].begin, content["graph"].size
+    with read_model_at(path, at, size) as m:
+        info.update(_graph_info(m))
+    tokenizer = bundle_tokenizer(path)[0]
+    info["tokenizer"] = tokenizer.info() | {"bytes_to_unicode": tokenizer.bytes_to_unicode}
+    info["tensors"] = []
+    return info
+
+
 def describe(path: Path) -> dict[str, Any]:
+    from llmtool.pipelines.resolve import bundle_kind
+
+    path = Path(path)
+    if path.is_file() and (kind := bundle_kind(path)):
+        return describe_bundle(path, kind)
     with read_model(path) as m:
         graph = m.is_graph
     if graph:

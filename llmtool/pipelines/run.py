@@ -7,7 +7,9 @@ through pipelines/resolve.py, then generates with the runtime's `InferenceSessio
 
 from __future__ import annotations
 
-from llmtool.pipelines.resolve import resolve_graph
+from pathlib import Path
+
+from llmtool.pipelines.resolve import PromptTemplate, bundle_kind, resolve_bundle, resolve_graph
 from llmtool.runtime.inference import (
     DEFAULT_MAX_TOKENS,
     GenerationResult,
@@ -20,13 +22,24 @@ from llmtool.runtime.inference import (
 class LlmInference(InferenceSession):
     """Generate text with a converted model on the LiteRT interpreter."""
 
+    template: PromptTemplate | None = None  # a bundle's prompt template, applied to prompts
+
     @classmethod
     def create_from_options(cls, options: LlmInferenceOptions) -> LlmInference:
         options.validate()
-        graph_path, tokenizer = resolve_graph(
-            options.model_path, options.max_tokens or DEFAULT_MAX_TOKENS
-        )
+        path = options.model_path
+        if path is not None and Path(path).is_file() and bundle_kind(Path(path)):
+            graph_path, tokenizer, template = resolve_bundle(path)
+            llm = cls.from_graph(graph_path, tokenizer, options)
+            llm.template = template  # type: ignore[attr-defined]
+            return llm  # type: ignore[return-value]
+        graph_path, tokenizer = resolve_graph(path, options.max_tokens or DEFAULT_MAX_TOKENS)
         return cls.from_graph(graph_path, tokenizer, options)  # type: ignore[return-value]
+
+    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
+        if self.template is not None:
+            prompt = self.template.apply(prompt)
+        return super().prompt_ids(prompt)
 
     @classmethod
     def create_from_model_file(cls, model_path: str) -> LlmInference:
