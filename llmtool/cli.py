@@ -476,6 +476,114 @@ def evaluate(
     )
 
 
+# ------------------------------------------------------------------------------------------
+# release
+
+
+@app.command()
+@friendly_errors
+def release(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Release YAML: checkpoint, matrix, settings.")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Output folder (default: the config's)."),
+    ] = None,
+    eval_text: Annotated[
+        Path | None,
+        typer.Option(help="Held-out text: a perplexity line per model in the manifest."),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="Build only this item (e.g. cpu-int8; see --emit-matrix).")
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Items built in parallel processes.")] = 1,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild everything, even what is up to date.")
+    ] = False,
+    emit_matrix: Annotated[
+        bool,
+        typer.Option(help="Print the items as a GitHub Actions strategy.matrix JSON and exit."),
+    ] = False,
+    merge_manifests: Annotated[
+        bool,
+        typer.Option(
+            help="Join the manifests and artifacts of split runs (FOLDERS) into --output-dir."
+        ),
+    ] = False,
+    folders: Annotated[
+        list[Path] | None, typer.Argument(help="With --merge-manifests: the run folders.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build every artifact of a release matrix, with manifest.json, for CI pipelines."""
+    from llmtool.config import load_release_config
+    from llmtool.pipelines import release as rel
+
+    if merge_manifests:
+        if output_dir is None:
+            raise LlmToolError("--merge-manifests needs --output-dir")
+        with ProgressBar("merging", enabled=not json_out) as bar:
+            summary = rel.merge_manifests(list(folders or []), output_dir, bar)
+        if json_out:
+            print_json(summary)
+            return
+        out.print(
+            f"[green]merged[/] {len(summary['merged'])} manifests: {len(summary['items'])} "
+            f"models, {summary['artifacts']} artifacts -> {summary['manifest']}",
+            highlight=False,
+        )
+        return
+    if folders:
+        raise LlmToolError(
+            f"unexpected argument {str(folders[0])!r} (folders go with --merge-manifests)"
+        )
+    if config is None:
+        raise LlmToolError("give --config FILE (or --merge-manifests FOLDER...)")
+    cfg = load_release_config(
+        config,
+        output_dir=str(output_dir) if output_dir else None,
+        eval_text=str(eval_text) if eval_text else None,
+    )
+    if emit_matrix:
+        sys.stdout.write(json.dumps(rel.matrix(cfg), separators=(",", ":")) + "\n")
+        return
+    with ProgressBar("checking inputs", enabled=not json_out) as bar:
+        plan = rel.plan_release(cfg)
+    with ProgressBar("release", enabled=not json_out) as bar:
+        summary = rel.release(plan, only=only, jobs=jobs, force=force, progress=bar)
+    if json_out:
+        print_json(summary)
+    else:
+        table = Table("item", "steps", "perplexity", "decode tok/s", "peak MiB", box=None)
+        manifest = json.loads(Path(summary["manifest"]).read_text())
+        for item, info in summary["items"].items():
+            counts = [list(info["status"].values()).count(s) for s in ("built", "reused")]
+            quality = (manifest["models"].get(item) or {}).get("quality") or {}
+            speed = (info.get("smoke") or {}).get("decode_tokens_per_second")
+            table.add_row(
+                item,
+                f"{counts[0]} built, {counts[1]} reused"
+                + (f", [red]{len(info['failures'])} failed[/]" if info["failures"] else ""),
+                f"{quality['perplexity']:.3f}" if quality else "-",
+                f"{speed:.0f}" if speed else "-",
+                f"{info['peak_rss_mib']:.0f}",
+            )
+        out.print(table)
+        peak = summary["peak_rss_mib"]
+        bound = f", workers <= {peak['workers_bound']:.0f} MiB" if peak["workers_bound"] else ""
+        out.print(
+            f"[green]wrote[/] {summary['manifest']} ({summary['artifacts']} artifacts) in "
+            f"{summary['seconds']:.1f} s; peak memory {peak['largest_item']:.0f} MiB per item"
+            f"{bound}",
+            highlight=False,
+        )
+    if summary["failures"]:
+        for line in summary["failures"]:
+            err.print(f"[bold red]failed:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
 def _quiet_native_exit() -> None:
     """LiteRT destroys a process-wide environment in a C++ static destructor after Python has
     finished, logging INFO lines on the way: point fd 2 at /dev/null once everything

@@ -176,3 +176,115 @@ def _is_path_field(name: str) -> bool:
         "output_filename",
         "model",
     }
+
+
+# ------------------------------------------------------------------------------------------
+# release
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """What `llmtool release` builds: one checkpoint through a backends x precisions matrix.
+
+    YAML layout (see configs/release-example.yaml): top-level `name`, `model_type`,
+    `input_ckpt`, `ckpt_format`, `vocab_model_file`, `lora_ckpt`, `lora_rank`, `output_dir`,
+    and the sections `matrix`, `export`, `evaluation`, `smoke`.
+    """
+
+    name: str
+    model_type: str
+    input_ckpt: str
+    output_dir: str
+    backends: tuple[str, ...] = ("cpu",)
+    precisions: tuple[str, ...] = ("int8",)
+    outputs: tuple[str, ...] = ("container",)
+    ckpt_format: str | None = None
+    vocab_model_file: str | None = None
+    lora_ckpt: str | None = None
+    lora_rank: int | None = None
+    max_seq_len: int = 1024  # export: KV cache length
+    prefill_len: int = 64  # export: tokens per prefill call
+    eval_text: str | None = None  # evaluation: held-out text; None: no quality line
+    eval_window: int = 256
+    eval_max_windows: int | None = 16
+    smoke_prompt: str = "Once upon a time"
+    smoke_max_tokens: int = 32  # 0: no smoke run
+    source: str | None = None  # the YAML file it came from (for error messages)
+
+
+_RELEASE_TOP = {
+    "name", "model_type", "input_ckpt", "ckpt_format", "vocab_model_file", "lora_ckpt",
+    "lora_rank", "output_dir", "matrix", "export", "evaluation", "smoke",
+}  # fmt: skip
+_RELEASE_SECTIONS = {
+    "matrix": {"backends": "backends", "precisions": "precisions", "outputs": "outputs"},
+    "export": {"max_seq_len": "max_seq_len", "prefill_len": "prefill_len"},
+    "evaluation": {"text": "eval_text", "window": "eval_window", "max_windows": "eval_max_windows"},
+    "smoke": {"prompt": "smoke_prompt", "max_tokens": "smoke_max_tokens"},
+}
+_RELEASE_PATHS = {"input_ckpt", "vocab_model_file", "lora_ckpt", "output_dir", "eval_text"}
+
+
+def load_release_config(
+    path: str | Path, output_dir: str | None = None, eval_text: str | None = None
+) -> ReleaseConfig:
+    """Read and check a release YAML; flags (output_dir, eval_text) win over the file.
+
+    Relative paths in the file are taken from its folder, paths given as flags from the
+    current directory.
+    """
+    raw = load_yaml(path)
+    base = Path(path).parent
+
+    def fail(message: str) -> LlmToolError:
+        return LlmToolError(message, path)
+
+    unknown = sorted(set(raw) - _RELEASE_TOP)
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r} (expected {', '.join(sorted(_RELEASE_TOP))})")
+    values: dict[str, Any] = {k: v for k, v in raw.items() if k not in _RELEASE_SECTIONS}
+    for section, names in _RELEASE_SECTIONS.items():
+        body = raw.get(section) or {}
+        if not isinstance(body, dict):
+            raise fail(f"{section}: expected a mapping")
+        bad = sorted(set(body) - set(names))
+        if bad:
+            raise fail(f"{section}: unknown key {bad[0]!r} (expected {', '.join(names)})")
+        for key, field_name in names.items():
+            if key in body:
+                values[field_name] = body[key]
+    for key in _RELEASE_PATHS:
+        value = values.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise fail(f"{key}: expected a path")
+            if not Path(value).is_absolute():
+                values[key] = str(base / value)
+    if output_dir is not None:
+        values["output_dir"] = output_dir
+    if eval_text is not None:
+        values["eval_text"] = eval_text
+    for key in ("name", "model_type", "input_ckpt", "output_dir"):
+        if not values.get(key):
+            raise fail(f"missing {key!r}")
+    for key in ("backends", "precisions", "outputs"):
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise fail(f"matrix.{key}: expected a non-empty list of names")
+        if len(set(value)) != len(value):
+            raise fail(f"matrix.{key}: a name is listed twice")
+        values[key] = tuple(value)
+    ints = ("max_seq_len", "prefill_len", "eval_window", "smoke_max_tokens", "lora_rank")
+    for key in (*ints, "eval_max_windows"):
+        value = values.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise fail(f"{key}: expected an integer (got {value!r})")
+    if not isinstance(values["name"], str) or not all(
+        c.isalnum() or c in "._-" for c in values["name"]
+    ):
+        raise fail(f"name must be letters, digits, '.', '_' or '-' (got {values['name']!r})")
+    return ReleaseConfig(**values, source=str(path))
