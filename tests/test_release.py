@@ -101,7 +101,8 @@ def test_matrix_2x3_manifest_and_determinism(spm_model, tmp_path):
         assert a["model_type"] == "GEMMA_2B" and a["llmtool_version"]
         assert a["path"] == f"tiny-{a['backend']}-{a['precision']}{rel.OUTPUTS[a['kind']]}"
     by_path = {a["path"]: a for a in manifest["artifacts"]}
-    assert by_path["tiny-gpu-int4.bin"]["settings"]["quant_bits"]["attention"] == 4
+    int4 = by_path["tiny-gpu-int4.bin"]["settings"]
+    assert int4["quant_bits"]["attention"] == 4 and int4["int4_block_sizes"] == [32]
     graph = by_path["tiny-cpu-int8.tflite"]
     assert graph["settings"]["max_seq_len"] == 64
     assert graph["settings"]["built_from_sha256"] == by_path["tiny-cpu-int8.bin"]["sha256"]

@@ -56,7 +56,8 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "float32": {"quantization": "float32"},
     "float16": {"quantization": "float16"},
     "int8": {"quantization": "int8"},
-    "int4": {"quantization": "int4"},
+    "int4": {"quantization": "int4"},  # blockwise (convert's default block size)
+    "int4-channel": {"quantization": "int4", "block_size": 0},  # one scale per row
 }
 # Output kind -> file extension. Kinds are built in this order (each from the one before).
 OUTPUTS = {"container": ".bin", "graph": ".tflite", "task": ".task"}
@@ -253,16 +254,12 @@ class _ItemBuild:
 
     def _settings(self) -> dict[str, dict[str, Any]]:
         c = self.plan.config
-        conversion = ConversionConfig(
-            model_type=c.model_type, backend=self.item.backend, **PRECISIONS[self.item.precision]
-        )
         return {
             "container": {
                 "model_type": c.model_type,
                 "backend": self.item.backend,
-                "quantization": conversion.quantization,
-                "quant_bits": conversion.bits(),
-                "is_symmetric": conversion.is_symmetric,
+                "precision": self.item.precision,
+                **PRECISIONS[self.item.precision],
             },
             "graph": {"max_seq_len": c.max_seq_len, "prefill_len": c.prefill_len},
             "task": {"start_token": None, "stop_tokens": None},  # None: the model's own
@@ -392,7 +389,13 @@ class _ItemBuild:
                 ),
                 progress=forward,
             )
-            return target, {}
+            from llmtool.formats import metadata as keys
+            from llmtool.formats.container import Container
+
+            with Container.open(target) as built:  # what convert did, exactly
+                conversion = json.loads(built.metadata[keys.CONVERSION])
+            conversion.pop("llmtool_version", None)
+            return target, conversion
         if kind == "graph":
             from llmtool.pipelines.export import ExportOptions, export_graph
 
