@@ -283,22 +283,44 @@ def export(
     model: Annotated[Path, typer.Argument(help="A converted model (.bin container).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The graph file to write.")],
     max_seq_len: Annotated[
-        int, typer.Option(help="KV cache length: the most tokens (input + output) it runs.")
-    ] = 1024,
+        int | None,
+        typer.Option(
+            help="KV cache length: the most tokens (input + output) it runs. "
+            "Default: the model's context, at most 8192."
+        ),
+    ] = None,
     prefill_len: Annotated[int, typer.Option(help="Tokens per prefill call.")] = 64,
+    kv_buckets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated attended lengths of the extra KV-bucket signatures, or "
+            "'none'. Default: 256, 512, ... below the cache length."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a converted model as a TFLite graph with prefill/decode signatures."""
     from llmtool.pipelines.export import ExportOptions, export_graph
 
+    buckets: tuple[int, ...] | None = None
+    if kv_buckets is not None:
+        text = kv_buckets.strip().lower()
+        try:
+            buckets = () if text == "none" else tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise LlmToolError(f"--kv-buckets: not a list of integers ({kv_buckets!r})") from None
+    options = ExportOptions(max_seq_len, prefill_len, buckets)
     with ProgressBar("exporting", enabled=not json_out) as bar:
-        summary = export_graph(model, output, ExportOptions(max_seq_len, prefill_len), bar)
+        summary = export_graph(model, output, options, bar)
     if json_out:
         print_json(summary)
         return
+    plain = [k for k in summary["signatures"] if not k.startswith("kv")]
+    extra = summary["kv_buckets"]
+    more = f" + KV buckets {', '.join(map(str, extra))}" if extra else ""
     out.print(
         f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
-        f"signatures {', '.join(summary['signatures'])}, KV cache {summary['max_seq_len']})",
+        f"signatures {', '.join(plain)}{more}, KV cache {summary['max_seq_len']})",
         highlight=False,
     )
 

@@ -6,7 +6,14 @@ time) and `decode` (one token), inputs `tokens` [1,T] int32, `input_pos` [T] int
 `kv_cache_k_<i>` [1,KVH,S,D] and `kv_cache_v_<i>` [1,KVH,D,S]; outputs `logits` [1,T,V] and the
 updated caches under the input names. Builtin ops only. Weights keep the container's dtype
 (float32; float16 through DEQUANTIZE; int8/int4 per-channel or int4 blockwise dynamic range),
-and the two signatures share one copy of every weight buffer.
+and all signatures share one copy of every weight buffer.
+
+Attention cost follows the tokens in the cache, not its size: besides the full-cache
+signatures LiteRT-LM runs, a graph may carry `kv<L>_decode` and `kv<L>_prefill_<T>` ("KV
+buckets"). They take and return the same full caches (so a runtime binds one set of buffers to
+every signature) but attend over cache positions [0, L) only, with a `mask` of [1,1,T,L]. A
+runtime uses the smallest bucket that holds its positions. (Names start with neither `decode`
+nor `prefill`, so LiteRT-LM, which picks signatures by those names, ignores them.)
 
 Everything model-specific comes from the ModelSpec: the builder below only asks it questions.
 `pipelines/export.py` drives it (options, files, progress); `build_graph` is the whole entry.
@@ -400,11 +407,17 @@ class _Decoder:
             return out
         return g.concat([out, g.slice(x, (0, 0, rd), (T, H, D - rd))], axis=2)
 
+    def attended_range(self, layer: int, ctx: dict[str, int]) -> tuple[int, int]:
+        """Cache positions [start, end) this layer's queries read: the signature's KV bucket.
+        The `mask` columns cover exactly this range."""
+        return 0, ctx["kv_len"]
+
     def attention(self, g: _Subgraph, x: int, layer: int, ctx: dict[str, int]) -> int:
         spec = self.spec
         T = g.shape(x)[0]
         NH, KVH, D, S = spec.num_heads, spec.num_kv_heads, spec.head_dim, self.S
         G = NH // KVH
+        start, end = self.attended_range(layer, ctx)
         q, k, v = self.linear(g, x, ["q", "k", "v"], layer, spec.qkv_bias)
         q = g.reshape(q, (T, NH, D))
         k = g.reshape(k, (T, KVH, D))
@@ -430,6 +443,10 @@ class _Decoder:
         v_all = g.op("DYNAMIC_UPDATE_SLICE", [v_cache, v_new, ctx["v_start"]], (1, KVH, D, S))
         g.outputs[f"kv_cache_k_{layer}"] = k_all
         g.outputs[f"kv_cache_v_{layer}"] = v_all
+        if (start, end) != (0, S):  # attend over cache positions [start, end) only
+            k_all = g.slice(k_all, (0, 0, start, 0), (1, KVH, end - start, D))
+            v_all = g.slice(v_all, (0, 0, 0, start), (1, KVH, D, end - start))
+            S = end - start
 
         # Scores for the query heads of each kv head at once: [KVH, G*T, S].
         qg = g.reshape(g.transpose(q, (1, 0, 2)), (KVH, G * T, D))
@@ -457,13 +474,15 @@ class _Decoder:
 
     # -- the whole model ----------------------------------------------------------------------
 
-    def build(self, g: _Subgraph, T: int) -> None:
-        spec, S = self.spec, self.S
+    def build(self, g: _Subgraph, T: int, kv_len: int | None = None) -> None:
+        """One signature: T tokens per call, attending over cache positions [0, kv_len)."""
+        spec = self.spec
+        L = kv_len or self.S
         tokens = g.input("tokens", (1, T), "int32")
         input_pos = g.input("input_pos", (T,), "int32")
-        mask_in = g.input("mask", (1, 1, T, S))
+        mask_in = g.input("mask", (1, 1, T, L))
 
-        ctx: dict[str, int] = {"mask": g.reshape(mask_in, (1, T, S))}
+        ctx: dict[str, int] = {"mask": g.reshape(mask_in, (1, T, L)), "kv_len": L}
         pos0 = g.slice(input_pos, (0,), (1,))
         ctx["k_start"] = g.concat([g.ints([0, 0]), pos0, g.ints([0])], axis=0)
         ctx["v_start"] = g.concat([g.ints([0, 0, 0]), pos0], axis=0)
@@ -488,7 +507,7 @@ class _Decoder:
                         g.op("GATHER", [table, input_pos], (T, rd), options=gather), (T, 1, rd)
                     )
         if spec.alibi:
-            ctx["alibi"] = g.const("alibi", self.alibi_table)
+            ctx["alibi"] = g.const(f"alibi{L}", lambda: self.alibi_table()[:, :, :L])
         if any(self.windowed(i) for i in range(spec.num_layers)):
             ctx["mask_sliding"] = self.window_mask(g, ctx["mask"], input_pos)
 
@@ -594,18 +613,18 @@ def build_graph(
     container: Container,
     spec: ModelSpec,
     writer: ModelWriter,
-    signatures: list[tuple[str, int]],
+    signatures: list[tuple[str, int, int]],
     seq_len: int,
     progress: Callable[[int, int, str], None],
 ) -> None:
-    """Add one subgraph + signature per (name, tokens per call) to `writer`; weight buffers
-    are shared by all of them."""
+    """Add one subgraph + signature per (name, tokens per call, attended cache length) to
+    `writer`; weight buffers are shared by all of them."""
     weights = _Weights(container, writer)
     decoder = _Decoder(spec, seq_len)
-    for i, (key, length) in enumerate(signatures):
+    for i, (key, length, kv_len) in enumerate(signatures):
         progress(i, len(signatures) + 1, f"building {key}")
         g = _Subgraph(weights)
-        decoder.build(g, length)
+        decoder.build(g, length, kv_len)
         index = writer.add_subgraph(
             Subgraph(
                 name=key,

@@ -18,7 +18,8 @@ RNG = np.random.default_rng(77)
 
 @pytest.fixture(scope="session")
 def small_graph(converted, tmp_path_factory):
-    """small_graph(model_type, quantization) -> exported .tflite, cache of 64, prefill of 8."""
+    """small_graph(model_type, quantization) -> exported .tflite, cache of 64, prefill of 8,
+    KV buckets 16 and 32 (the interpreter Engine runs the whole-cache signatures only)."""
     cache: dict[tuple, Path] = {}
 
     def make(model_type: str, quantization: str) -> Path:
@@ -28,7 +29,7 @@ def small_graph(converted, tmp_path_factory):
             export_graph(
                 converted(model_type, quantization),
                 out,
-                ExportOptions(max_seq_len=64, prefill_len=8),
+                ExportOptions(max_seq_len=64, prefill_len=8, kv_buckets=(16, 32)),
             )
             cache[key] = out
         return cache[key]

@@ -20,11 +20,13 @@ from tests.tiny_models import MODEL_TYPES, NEW_FIXTURES, reference_greedy, refer
 ALL_FIXTURES = (*MODEL_TYPES, *NEW_FIXTURES)
 
 RNG = np.random.default_rng(1234)
+BUCKETS = (16, 32)
 
 
 @pytest.fixture(scope="session")
 def graph(converted, tmp_path_factory):
-    """graph(model_type, quantization, prefill_len) -> exported .tflite (cached)."""
+    """graph(model_type, quantization, prefill_len) -> exported .tflite (cached): a cache of 64
+    with KV buckets 16 and 32 (BUCKETS), so longer inputs cross every bucket boundary."""
     cache: dict[tuple, Path] = {}
 
     def make(model_type: str, quantization: str = "float32", prefill_len: int = 8) -> Path:
@@ -34,7 +36,7 @@ def graph(converted, tmp_path_factory):
             export_graph(
                 converted(model_type, quantization),
                 out,
-                ExportOptions(max_seq_len=64, prefill_len=prefill_len),
+                ExportOptions(max_seq_len=64, prefill_len=prefill_len, kv_buckets=BUCKETS),
             )
             cache[key] = out
         return cache[key]
@@ -55,9 +57,9 @@ def random_ids(n: int, vocab: int = 300) -> list[int]:
 def test_float32_logits_match_transformers(model_type, tiny_model, graph):
     folder = tiny_model(model_type)
     llm = engine_for(graph(model_type))
-    # Spans prefill chunks of 8 and a padded remainder, and is longer than the sliding window
-    # (6) of the new fixtures.
-    ids = random_ids(21)
+    # Spans prefill chunks of 8 and a padded remainder, is longer than the sliding window (6)
+    # of the new fixtures, and crosses the KV buckets 16 and 32 into the whole cache (64).
+    ids = random_ids(45)
     ours = llm.logits(ids)
     ref = reference_logits(folder, ids)
     assert ours.shape == ref.shape
@@ -70,7 +72,7 @@ def test_greedy_tokens_match_transformers(model_type, tiny_model, graph):
     folder = tiny_model(model_type)
     llm = engine_for(graph(model_type), top_k=1)
     prompt = random_ids(5)
-    steps = 32 if model_type in NEW_FIXTURES else 12  # decode far past the sliding window
+    steps = 40  # decode far past the sliding window and across KV buckets 16 and 32 (to 45)
     expected = reference_greedy(folder, prompt, new_tokens=steps)
     # Drive the engine directly so stop tokens don't cut the comparison short.
     llm.engine.reset()
@@ -115,14 +117,20 @@ def test_quantized_logits_close_to_float(model_type, limits, graph, record_prope
 def test_graph_signatures_follow_the_convention(graph):
     model = read_model(graph("GEMMA_2B"))
     keys = {s.key: s for s in model.signatures}
-    assert set(keys) == {"prefill_8", "decode"}
-    decode = keys["decode"]
-    assert {"tokens", "input_pos", "mask", "kv_cache_k_0", "kv_cache_v_0"} <= set(decode.inputs)
-    assert {"logits", "kv_cache_k_0", "kv_cache_v_0"} <= set(decode.outputs)
-    sub = model.subgraphs[decode.subgraph_index]
-    k = sub.tensors[decode.inputs["kv_cache_k_0"]].shape
-    v = sub.tensors[decode.inputs["kv_cache_v_0"]].shape
-    assert k[2] == 64 and v[3] == 64 and k[3] == v[2]  # K [1,H,S,D], V [1,H,D,S]
+    buckets = {f"kv{n}_{base}" for n in BUCKETS for base in ("prefill_8", "decode")}
+    assert set(keys) == {"prefill_8", "decode", *buckets}
+    for key, sig in keys.items():
+        T = 1 if key.endswith("decode") else 8
+        L = int(key[2:4]) if key.startswith("kv") else 64  # attended cache positions [0, L)
+        names = {"tokens", "input_pos", "mask", "kv_cache_k_0", "kv_cache_v_0"}
+        assert names <= set(sig.inputs)
+        assert {"logits", "kv_cache_k_0", "kv_cache_v_0"} <= set(sig.outputs)
+        sub = model.subgraphs[sig.subgraph_index]
+        k = sub.tensors[sig.inputs["kv_cache_k_0"]].shape
+        v = sub.tensors[sig.inputs["kv_cache_v_0"]].shape
+        # Every signature takes the whole cache: K [1,H,S,D], V [1,H,D,S] (one set of buffers).
+        assert k[2] == 64 and v[3] == 64 and k[3] == v[2]
+        assert sub.tensors[sig.inputs["mask"]].shape == (1, 1, T, L)
 
 
 def test_generation_is_seeded_and_streams(graph):
@@ -233,6 +241,8 @@ def test_cli_run_container_json(converted, tmp_path, monkeypatch):
     assert len(cached) == 1
     again = llmtool(*args)  # served from the cache, same text
     assert json.loads(again.stdout)["text"] == data["text"]
+    other = llmtool(*args[:6], "48", *args[7:])  # another --max-tokens: the same graph
+    assert other.returncode == 0, other.stderr
     assert list((tmp_path / "cache" / "graphs").glob("*.tflite")) == cached
 
 

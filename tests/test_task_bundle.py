@@ -31,7 +31,10 @@ def gemma(converted, tmp_path_factory) -> tuple[Path, bytes, bytes]:
     """(exported graph, SentencePiece bytes, LlmParameters bytes) of the tiny Gemma."""
     container = converted("GEMMA_2B", "float32")
     graph = tmp_path_factory.mktemp("bundle") / "gemma.tflite"
-    export_graph(container, graph, ExportOptions(max_seq_len=64, prefill_len=8))
+    # KV buckets as `run` exports them: LiteRT-LM must ignore those signatures.
+    export_graph(
+        container, graph, ExportOptions(max_seq_len=64, prefill_len=8, kv_buckets=(16, 32))
+    )
     with Container.open(container) as c:
         files = keys.unpack_tokenizer(dict(c.metadata))
         ref = decode_llm_parameters(c.metadata[keys.LLM_PARAMETERS])

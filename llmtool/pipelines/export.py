@@ -2,6 +2,11 @@
 
 The graph itself is built by the generic decoder (decoder.py); this module chooses the
 signatures, carries the container's metadata over, and writes the file.
+
+One graph serves every length up to its KV cache: besides `prefill_<T>` and `decode` over the
+whole cache, it carries KV-bucket signatures `kv<L>_prefill_<T>` / `kv<L>_decode` that attend
+over cache positions [0, L) only (see decoder.py), so attention costs what the conversation
+holds, not what the cache could hold.
 """
 
 from __future__ import annotations
@@ -17,13 +22,40 @@ from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.tflite_model import ModelWriter
+from llmtool.pipelines.resolve import DEFAULT_MAX_SEQ_LEN
 from llmtool.spec import ModelSpec
+
+FIRST_BUCKET = 256  # the smallest KV bucket; each next one doubles, below the cache length
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    max_seq_len: int = 1024  # KV cache length S (clamped to the model's max positions)
+    # KV cache length S (clamped to the model's max positions); None: DEFAULT_MAX_SEQ_LEN
+    max_seq_len: int | None = None
     prefill_len: int = 64  # tokens per prefill call
+    kv_buckets: tuple[int, ...] | None = None  # attended lengths L < S; None: default_buckets
+
+
+def default_buckets(seq_len: int) -> tuple[int, ...]:
+    """FIRST_BUCKET, twice that, ... below seq_len: attention then reads at most twice the
+    positions in use (or FIRST_BUCKET)."""
+    out, length = [], FIRST_BUCKET
+    while length < seq_len:
+        out.append(length)
+        length *= 2
+    return tuple(out)
+
+
+def plan_signatures(S: int, T: int, buckets: tuple[int, ...]) -> list[tuple[str, int, int]]:
+    """(name, tokens per call, attended cache length) of every signature of a graph."""
+    signatures = [(f"prefill_{T}", T, S), ("decode", 1, S)]
+    for L in sorted(set(buckets)):
+        if not 1 <= L < S:
+            raise LlmToolError(f"KV bucket {L} must be between 1 and the cache length {S} - 1")
+        if L >= T:
+            signatures.append((f"kv{L}_prefill_{T}", T, L))
+        signatures.append((f"kv{L}_decode", 1, L))
+    return signatures
 
 
 def export_graph(
@@ -39,16 +71,22 @@ def export_graph(
         if keys.MODEL_SPEC not in c.metadata:
             raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
         spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC])
-        S = min(options.max_seq_len, spec.max_positions)
+        S = min(options.max_seq_len or DEFAULT_MAX_SEQ_LEN, spec.max_positions)
         if S < 2:
             raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
         T = max(1, min(options.prefill_len, S))
+        buckets = default_buckets(S) if options.kv_buckets is None else options.kv_buckets
+        signatures = plan_signatures(S, T, buckets)
         writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
-        signatures = [(f"prefill_{T}", T), ("decode", 1)]
         build_graph(c, spec, writer, signatures, S, report)
         for name, data in sorted(c.metadata.items()):
             writer.add_metadata(name, data)
-        graph_info = {"prefill_len": T, "max_seq_len": S, "signatures": [k for k, _ in signatures]}
+        graph_info = {
+            "prefill_len": T,
+            "max_seq_len": S,
+            "kv_buckets": sorted({L for _, _, L in signatures if L < S}),
+            "signatures": [k for k, _, _ in signatures],
+        }
         writer.add_metadata(keys.GRAPH, json.dumps(graph_info, sort_keys=True).encode())
         report(len(signatures), len(signatures) + 1, "writing")
         output = Path(output_path)

@@ -5,12 +5,20 @@ exported .tflite, or nothing: the embedded default model) into a graph and its t
 
 Containers (.bin) are exported on first use to `$LLMTOOL_CACHE_DIR` (default
 ~/.cache/llmtool/graphs), keyed by the container's content hash and the export settings, so a
-changed file is never served a stale graph.
+changed file is never served a stale graph. One graph per model serves every `max_tokens` up to
+its KV cache (the model's context, at most DEFAULT_MAX_SEQ_LEN): its KV-bucket signatures make
+short conversations cost what they hold. Only a request beyond that exports a larger graph.
+
+The content hash is computed once per file version: it is remembered under the file's identity
+(resolved path, size, mtime_ns, inode, ctime_ns), so a warm run reads no weights to find its
+graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +32,18 @@ from llmtool.tokenizer import Tokenizer
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model.bin"
 
 
+# KV cache of exported graphs unless asked otherwise: the model's context, at most this. Its
+# float32 caches take 8 * layers * kv_heads * head_dim bytes per position (32 KiB for a
+# 1B Llama), but only the positions a conversation reaches become resident.
+DEFAULT_MAX_SEQ_LEN = 8192
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMTOOL_CACHE_DIR") or Path.home() / ".cache" / "llmtool")
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("LLMTOOL_CACHE_DIR") or Path.home() / ".cache" / "llmtool"
-    return Path(root) / "graphs"
+    return cache_root() / "graphs"
 
 
 def default_model_path() -> Path:
@@ -42,11 +59,38 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def remembered_digest(path: Path) -> str:
+    """SHA-256 of a file's content, computed once per version of the file.
+
+    Remembered under the file's identity: a rewrite changes mtime/size/inode and always
+    ctime_ns (which cannot be set back), so a changed file is hashed again."""
+    resolved = path.resolve()
+    st = resolved.stat()
+    ident = f"{resolved}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}|{st.st_ctime_ns}"
+    note = cache_root() / "digests" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        digest = note.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    digest = file_digest(resolved)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the hash next time
+        note.parent.mkdir(parents=True, exist_ok=True)
+        tmp = note.with_name(f"{note.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.replace(note)
+    return digest
+
+
+def graph_seq_len(max_positions: int, max_tokens: int) -> int:
+    """The KV cache of the graph exported for a request: one length per model (its context,
+    at most DEFAULT_MAX_SEQ_LEN) unless more tokens are asked for."""
+    if max_tokens <= DEFAULT_MAX_SEQ_LEN:
+        return min(max_positions, DEFAULT_MAX_SEQ_LEN)
+    return min(max_positions, max_tokens)
+
+
 def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path, Tokenizer]:
     """The graph to run for a model file, exporting (and caching) containers as needed."""
-    # Imported here: a run of an exported or cached graph never loads the exporter.
-    from llmtool.pipelines.export import ExportOptions, export_graph
-
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_file():
         raise LlmToolError("model file not found", path)
@@ -56,17 +100,25 @@ def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path,
     with read_model(path) as model:
         files = keys.unpack_tokenizer(model.metadata)
         graph = model.is_graph
+        spec_json = model.metadata.get(keys.MODEL_SPEC)
     if not files:
         raise LlmToolError("the model carries no tokenizer (was it written by llmtool?)", path)
     tokenizer = Tokenizer.from_files(files)
     if graph:
         return path, tokenizer
-    options = ExportOptions(max_seq_len=max(max_tokens, 16))
-    key = hashlib.sha256(f"{file_digest(path)}|{options}|{__version__}".encode()).hexdigest()[:32]
-    cached = cache_dir() / f"{path.stem}-{key}.tflite"
+    try:
+        max_positions = int(json.loads(spec_json)["max_positions"]) if spec_json else max_tokens
+    except (ValueError, KeyError, TypeError):
+        raise LlmToolError("the model's llmtool.model_spec is unreadable", path) from None
+    seq_len = graph_seq_len(max_positions, max_tokens)
+    key = f"{remembered_digest(path)}|{seq_len}|{__version__}"
+    cached = cache_dir() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.tflite"
     if not cached.is_file():
+        # Imported here: a run of an exported or cached graph never loads the exporter.
+        from llmtool.pipelines.export import ExportOptions, export_graph
+
         cached.parent.mkdir(parents=True, exist_ok=True)
-        export_graph(path, cached, options)
+        export_graph(path, cached, ExportOptions(max_seq_len=seq_len))
     return cached, tokenizer
 
 

@@ -209,24 +209,29 @@ class CompiledEngine(EngineBase):
             ins.update(self._caches)  # the same buffers in and out: updated in place
             outs.update(self._caches)
             self._sigs[key] = _Signature(key, length, ins, outs)
-        self._zeroed = False
-        self._zero_cache()
+        self._clear_garbage()
+
+    def _clear_garbage(self) -> None:
+        """Zero the caches unless they already are.
+
+        Positions past the conversation are masked, but a masked NaN or inf still poisons the
+        softmax, so the caches must start finite. Fresh large buffers come from the OS as
+        untouched zero pages: reading them does not make them resident, and not writing them
+        keeps the resident set to the positions a conversation uses. Values left by an earlier
+        conversation are finite and masked, so reset() needs nothing.
+        """
+        for name, buf in self._caches.items():
+            count = int(np.prod(self.cache_shapes[name]))
+            if buf.read(count, np.float32).view(np.uint32).any():  # any non-zero bits
+                buf.write(np.zeros(self.cache_shapes[name], np.float32))
 
     def close(self) -> None:
         """Release the model and its buffers now (also done when the engine is collected)."""
         self._native.release()
 
     def reset(self) -> None:
-        """Forget the conversation (the cache is zeroed lazily on next use)."""
-        self._zeroed = False
+        """Forget the conversation: later calls overwrite the cache from position 0."""
         self.pos = 0
-
-    def _zero_cache(self) -> None:
-        if self._zeroed:
-            return
-        for name, buf in self._caches.items():
-            buf.write(np.zeros(self.cache_shapes[name], np.float32))
-        self._zeroed = True
 
     def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
         """One call at positions pos.. (tokens padded to the signature's length)."""
@@ -237,13 +242,12 @@ class CompiledEngine(EngineBase):
         model = self._native.model
         if model is None:
             raise LlmToolError("the engine has been closed", self.path)
-        self._zero_cache()
         n = len(tokens)
         ids = np.zeros((1, T), np.int32)
         ids[0, :n] = tokens
         sig.inputs["tokens"].write(ids)
         sig.inputs["input_pos"].write(np.arange(pos, pos + T, dtype=np.int32))
-        sig.inputs["mask"].write(self.causal_rows(pos, T))
+        sig.inputs["mask"].write(self.causal_rows(pos, T, self.kv_len(key)))
         # Padding rows (past n) write junk K/V at positions pos+n.. in place; every later query
         # masks them until the next call, which starts at pos+n, overwrites them.
         model.run_by_name(key, sig.inputs, sig.outputs)

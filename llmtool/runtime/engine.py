@@ -9,6 +9,7 @@ between the prefill and decode signatures, once per prompt).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -70,16 +71,28 @@ class _Signature:
 
 
 STEP_INPUTS = ("tokens", "input_pos", "mask")
+_SIGNATURE = re.compile(r"(?:kv(\d+)_)?(decode|prefill_(\d+))")
+
+
+def parse_signature(key: str) -> tuple[str, int, int | None] | None:
+    """(plain key, tokens per call, attended cache length) of a runnable signature name:
+    `decode` / `prefill_<T>` attend over the whole cache (None), their KV-bucket variants
+    `kv<L>_decode` / `kv<L>_prefill_<T>` over cache positions [0, L). None for other names."""
+    m = _SIGNATURE.fullmatch(key)
+    if not m:
+        return None
+    return m.group(2), int(m.group(3) or 1), int(m.group(1)) if m.group(1) else None
 
 
 def discover_signatures(
-    path: Path, io: dict[str, tuple[Iterable[str], Iterable[str]]]
+    path: Path, io: dict[str, tuple[Iterable[str], Iterable[str]]], buckets: bool = True
 ) -> tuple[dict[str, int], list[str]]:
     """The runnable signatures of a graph (key -> tokens per call) and its KV-cache names.
 
     `io` maps every signature key to its (input names, output names). Runnable are `decode`
-    (one token) and `prefill_<T>` (T tokens); each must take the step inputs and the caches and
-    return `logits` and the caches. Other signatures are ignored.
+    (one token) and `prefill_<T>` (T tokens), and with `buckets` their KV-bucket variants
+    (parse_signature); each must take the step inputs and the caches and return `logits` and
+    the caches. Other signatures are ignored.
     """
     if "decode" not in io:
         raise LlmToolError("graph has no 'decode' signature", path)
@@ -88,15 +101,15 @@ def discover_signatures(
         raise LlmToolError("graph has no KV cache inputs", path)
     lengths: dict[str, int] = {}
     for key, (inputs, outputs) in io.items():
-        m = re.fullmatch(r"prefill_(\d+)", key)
-        if key != "decode" and not m:
+        parsed = parse_signature(key)
+        if parsed is None or (parsed[2] is not None and not buckets):
             continue
         missing = ({*STEP_INPUTS, *cache_names} - set(inputs)) | (
             {"logits", *cache_names} - set(outputs)
         )
         if missing:
             raise LlmToolError(f"signature {key!r} lacks {', '.join(sorted(missing))}", path)
-        lengths[key] = int(m.group(1)) if m else 1
+        lengths[key] = parsed[1]
     return lengths, cache_names
 
 
@@ -107,6 +120,10 @@ class EngineBase:
     length), `pos` (tokens in the cache), `reset()`, `close()`, and `_run(key, tokens, pos,
     want_logits)` for one call of one signature, whose lengths are in `_lengths`. Engines are
     context managers (closed on exit).
+
+    Each call runs on the smallest KV-bucket variant of its signature whose attended range
+    [0, L) holds the call's positions (`kv_len(key)` is L; the whole cache for plain keys), so
+    attention costs what the cache holds, not what it could hold.
     """
 
     path: Path
@@ -132,17 +149,42 @@ class EngineBase:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def causal_rows(self, pos: int, length: int) -> np.ndarray:
-        """Additive mask rows [length, S] for queries at pos..: 0 where a key is visible.
+    def causal_rows(self, pos: int, length: int, kv_len: int | None = None) -> np.ndarray:
+        """Additive mask rows [length, kv_len] for queries at pos..: 0 where a key is visible.
 
         Built per call: a precomputed S x S mask would take 4*S*S bytes (1 GiB at S = 16384).
         """
         rows = np.arange(pos, pos + length)[:, None]
-        return np.where(np.arange(self.max_seq_len)[None, :] > rows, MASK_VALUE, np.float32(0))
+        keys = np.arange(kv_len or self.max_seq_len)[None, :]
+        return np.where(keys > rows, MASK_VALUE, np.float32(0))
+
+    def kv_len(self, key: str) -> int:
+        """Cache positions [0, L) the signature attends over."""
+        parsed = parse_signature(key)
+        return (parsed[2] if parsed else None) or self.max_seq_len
+
+    @functools.cached_property
+    def _variants(self) -> dict[str, list[tuple[int, str]]]:
+        """Plain key -> its variants as (attended length, key), shortest first."""
+        table: dict[str, list[tuple[int, str]]] = {}
+        for key in self._lengths:
+            parsed = parse_signature(key)
+            if parsed is not None:
+                table.setdefault(parsed[0], []).append((self.kv_len(key), key))
+        return {k: sorted(v) for k, v in table.items()}
+
+    def _variant(self, key: str, pos: int) -> str:
+        """The cheapest variant of a plain signature for a call at pos (whole cache if none)."""
+        end = pos + self._lengths[key]
+        for length, variant in self._variants.get(key, ()):
+            if end <= length:
+                return variant
+        return key
 
     @property
     def prefill_keys(self) -> list[str]:
-        return sorted((k for k in self._lengths if k != "decode"), key=self._lengths.__getitem__)
+        plain = (k for k in self._lengths if k != "decode" and self.kv_len(k) == self.max_seq_len)
+        return sorted(plain, key=self._lengths.__getitem__)
 
     def prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens at the current position; logits of the last (or every) position."""
@@ -159,7 +201,8 @@ class EngineBase:
             key = self._pick(rest)
             n = min(rest, self._lengths[key])
             last = i + n == len(tokens)
-            logits = self._run(key, tokens[i : i + n], self.pos, all_logits or last)
+            call = self._variant(key, self.pos)
+            logits = self._run(call, tokens[i : i + n], self.pos, all_logits or last)
             if logits is not None:
                 outs.append(logits if all_logits else logits[-1:])
             self.pos += n
@@ -178,7 +221,7 @@ class EngineBase:
     def decode(self, token: int) -> np.ndarray:
         if self.pos >= self.max_seq_len:
             raise LlmToolError(f"the KV cache of {self.max_seq_len} tokens is full")
-        logits = self._run("decode", [token], self.pos, True)
+        logits = self._run(self._variant("decode", self.pos), [token], self.pos, True)
         assert logits is not None
         self.pos += 1
         return logits[0]
@@ -204,7 +247,8 @@ class Engine(EngineBase):
             for key in self.interpreter.get_signature_list()
         }
         io = {key: (r.get_input_details(), r.get_output_details()) for key, r in runners.items()}
-        self._lengths, self.cache_names = discover_signatures(self.path, io)
+        # Plain signatures only: each has its own cache tensors here (copied on every switch).
+        self._lengths, self.cache_names = discover_signatures(self.path, io, buckets=False)
         self._sigs: dict[str, _Signature] = {}
         for key, length in self._lengths.items():
             ins = {n: d["index"] for n, d in io[key][0].items()}
