@@ -429,6 +429,15 @@ def run(
         bool,
         typer.Option("--json", help="Print text, token ids, timings and tokens/s as JSON."),
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat", help="Frame the prompt as a user turn with the model's chat template."
+        ),
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="System prompt before the user turn (implies --chat).")
+    ] = None,
 ) -> None:
     """Generate text from a prompt with a converted model on the LiteRT interpreter."""
     from llmtool.pipelines.run import run as run_prompt
@@ -452,9 +461,12 @@ def run(
         sys.stdout.write(piece + ("\n" if done else ""))
         sys.stdout.flush()
 
-    if streaming and sys.stdout.isatty():
+    chat = chat or system is not None
+    if streaming and sys.stdout.isatty() and not chat:
         out.print(prompt, style="dim", end="", highlight=False, markup=False)
-    result = run_prompt(options, prompt, listener=show if streaming else None)
+    result = run_prompt(
+        options, prompt, listener=show if streaming else None, chat=chat, system=system
+    )
     if json_out:
         print_json(result.as_dict())
         return

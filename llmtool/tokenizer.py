@@ -22,7 +22,8 @@ HF_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 GENERATION_FILE = "generation_config.json"
-SIDE_FILES = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SIDE_FILES = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE, CHAT_TEMPLATE_FILE)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # Named special tokens that transformers registers as special added tokens.
@@ -158,6 +159,8 @@ class Tokenizer:
         self._split_ids: dict[str, int] = {}
         self._byte_ids: frozenset[int] | None = None
         self.bytes_to_unicode = False  # SentencePiece over GPT-2's byte-mapped text (.task)
+        self._chat: tuple[str | None, dict[str, str | None]] = (None, {})
+        self._chat_template: Any = None
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -174,7 +177,23 @@ class Tokenizer:
         else:
             raise LlmToolError(f"no {SPM_FILE} or {HF_FILE} among the tokenizer files")
         tok._init_stop_ids(generation)
+        from llmtool.chat_template import template_source
+
+        specials = {name: _named_token(name, config, special_map) for name in _NAMED_SPECIALS}
+        tok._chat = (template_source(config, files), specials)
         return tok
+
+    @property
+    def chat_template(self) -> Any:
+        """The model's ChatTemplate (compiled on first use), or None if it has none."""
+        source, specials = self._chat
+        if source is None:
+            return None
+        if self._chat_template is None:
+            from llmtool.chat_template import ChatTemplate
+
+            self._chat_template = ChatTemplate(source, specials)
+        return self._chat_template
 
     def _init_sentencepiece(
         self, data: bytes, config: dict[str, Any], special_map: dict[str, Any]

@@ -118,7 +118,19 @@ BPE_STYLES = {
     # style: (special tokens in id order, bos, eos, unk, BOS prepended by the post-processor)
     "gpt2": (("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", False),
     "llama": (("<s>", "</s>"), "<s>", "</s>", None, True),
+    "chatml": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", None, False),
 }
+
+# A ChatML template in the style of Qwen's (written for these fixtures): a default system turn
+# unless the conversation starts with one, then <|im_start|>role ... <|im_end|> turns.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
+)
 
 
 def make_bpe(out_dir: Path, vocab_size: int = 400, style: str = "gpt2") -> Path:
@@ -126,7 +138,7 @@ def make_bpe(out_dir: Path, vocab_size: int = 400, style: str = "gpt2") -> Path:
 
     "gpt2": one special token <|endoftext|> (bos = eos = unk), nothing added on encode (GPT-2,
     Phi-2, Falcon, StableLM). "llama": <s> prepended by a TemplateProcessing post-processor,
-    eos </s>.
+    eos </s>. "chatml": Qwen's layout: no BOS, eos <|im_end|>, and a ChatML chat template.
     Writes tokenizer.json and tokenizer_config.json (+ special_tokens_map.json for "llama").
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -175,6 +187,9 @@ def make_bpe(out_dir: Path, vocab_size: int = 400, style: str = "gpt2") -> Path:
     }
     if style == "gpt2":
         config.update(tokenizer_class="GPT2Tokenizer", unk_token=unk, add_prefix_space=False)
+    elif style == "chatml":
+        config.update(tokenizer_class="PreTrainedTokenizerFast", pad_token="<|endoftext|>",
+                      chat_template=CHATML_TEMPLATE)
     else:
         config.update(tokenizer_class="PreTrainedTokenizerFast")
         _write_json(out_dir / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos})

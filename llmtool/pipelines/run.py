@@ -47,8 +47,12 @@ class LlmInference(InferenceSession):
 
 
 def run(
-    options: LlmInferenceOptions, prompt: str, listener: ResultListener | None = None
+    options: LlmInferenceOptions,
+    prompt: str,
+    listener: ResultListener | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> GenerationResult:
     """One generation (the body of `llmtool run`); the engine is released afterwards."""
     with LlmInference.create_from_options(options) as llm:
-        return llm.generate(prompt, listener=listener)
+        return llm.generate(prompt, listener=listener, chat=chat, system=system)

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from llmtool.chat_template import chat_messages
 from llmtool.errors import LlmToolError
 from llmtool.runtime.engine import Engine, EngineBase
 from llmtool.runtime.sampler import Sampler, validate_sampling
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 512
+Prompt = str | list[dict[str, Any]]  # text, or chat messages [{"role": ..., "content": ...}]
 ResultListener = Callable[[str, bool], None]
 ErrorListener = Callable[[Exception], None]
 
@@ -178,16 +180,24 @@ class InferenceSession:
 
     # -- the reference API --------------------------------------------------------------------
 
-    def generate_response(self, prompt: str) -> str:
-        return self.generate(prompt).text
+    def generate_response(
+        self, prompt: Prompt, chat: bool = False, system: str | None = None
+    ) -> str:
+        """The reply to `prompt`. With `chat` (implied by a list of {"role", "content"}
+        messages) the model's own chat template frames it, after an optional system prompt."""
+        return self.generate(prompt, chat=chat, system=system).text
 
-    def generate_response_async(self, prompt: str) -> Future[str]:
+    def generate_response_async(
+        self, prompt: Prompt, chat: bool = False, system: str | None = None
+    ) -> Future[str]:
         """Generate in a background thread, streaming to options.result_listener."""
         future: Future[str] = Future()
 
         def work() -> None:
             try:
-                future.set_result(self.generate(prompt, listener=self.options.result_listener).text)
+                listener = self.options.result_listener
+                result = self.generate(prompt, listener=listener, chat=chat, system=system)
+                future.set_result(result.text)
             except Exception as exc:  # reported to the listener, not raised in the thread
                 if self.options.error_listener is not None:
                     self.options.error_listener(exc)
@@ -213,11 +223,42 @@ class InferenceSession:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
-        """Prompt token ids cut to the context window, and how many were dropped."""
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation through the model's chat template, exactly as
+        transformers' apply_chat_template(..., add_generation_prompt=True) gives them."""
+        template = self.tokenizer.chat_template
+        if template is None:
+            raise LlmToolError(
+                "this model has no chat template (tokenizer_config.json chat_template)",
+                self.options.model_path,
+            )
+        text = template.render(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_bos=False, add_eos=False)
+
+    def chat_stop_ids(self) -> set[int]:
+        """The end-of-turn token the template closes a reply with, if it is one token."""
+        template = self.tokenizer.chat_template
+        marker = template.end_of_turn() if template is not None else None
+        if not marker:
+            return set()
+        ids = self.tokenizer.encode(marker, add_bos=False, add_eos=False)
+        return {ids[0]} if len(ids) == 1 else set()
+
+    def prompt_ids(
+        self, prompt: Prompt, chat: bool = False, system: str | None = None
+    ) -> tuple[list[int], int]:
+        """Prompt token ids cut to the context window, and how many were dropped (a chat is
+        never cut, its template would lose its head: it may fill max tokens unless a context
+        window is set)."""
         o = self.options
         max_tokens = self.max_tokens
-        ids = self.tokenizer.encode(prompt)
+        chat = chat or not isinstance(prompt, str)
+        if chat:
+            ids = self.chat_ids(chat_messages(prompt, system))
+        elif system is not None:
+            raise LlmToolError("a system prompt needs chat mode")
+        else:
+            ids = self.tokenizer.encode(prompt)
         if not ids:
             raise LlmToolError("the prompt is empty")
         if len(ids) >= max_tokens:
@@ -226,6 +267,14 @@ class InferenceSession:
                 "(input + output)"
             )
         window = o.context_window or max(1, max_tokens // 2)
+        if chat:
+            # Never cut (the template's head would go): only an explicit window limits it.
+            if o.context_window is not None and len(ids) > window:
+                raise LlmToolError(
+                    f"the chat prompt has {len(ids)} tokens, more than the context window "
+                    f"{window} keeps"
+                )
+            return ids, 0
         dropped = max(0, len(ids) - window)
         if dropped:
             keep_bos = ids[0] == self.tokenizer.bos_id and self.tokenizer.add_bos
@@ -233,16 +282,25 @@ class InferenceSession:
             ids = head + ids[len(ids) - window + len(head) :]
         return ids, dropped
 
-    def generate(self, prompt: str, listener: ResultListener | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        listener: ResultListener | None = None,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> GenerationResult:
         o = self.options
-        refused = self.safety.find(prompt)
-        if refused:
-            raise LlmToolError(
-                f"the prompt was refused by the safety filter (contains {refused.group(0)!r})"
-            )
-        ids, dropped = self.prompt_ids(prompt)
+        texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]
+        for text in [*texts, system or ""]:
+            refused = self.safety.find(str(text))
+            if refused:
+                raise LlmToolError(
+                    f"the prompt was refused by the safety filter (contains {refused.group(0)!r})"
+                )
+        chat = chat or not isinstance(prompt, str)
+        ids, dropped = self.prompt_ids(prompt, chat, system)
         sampler = Sampler(o.top_k, o.temperature, o.random_seed)
-        stops = set(self.tokenizer.stop_ids)
+        stops = set(self.tokenizer.stop_ids) | (self.chat_stop_ids() if chat else set())
         out: list[int] = []
         text = ""
         reason = "max_tokens"
