@@ -146,3 +146,26 @@ def test_bad_templates_and_messages():
         from llmtool.chat_template import chat_messages
 
         chat_messages([{"role": "robot", "content": "x"}])
+
+
+def test_bundle_records_the_chat_template(qwen3, tmp_path):
+    """`bundle` writes the template as prompt prefix/suffix (+ session prefix) and adds its
+    end-of-turn token to the stop tokens; the .litertlm then frames a prompt exactly as
+    apply_chat_template does."""
+    from llmtool.config import BundleConfig
+    from llmtool.formats.task_bundle import read_task_bundle
+    from llmtool.pipelines.bundle import bundle
+
+    folder, model = qwen3
+    task = tmp_path / "chat.task"
+    summary = bundle(BundleConfig(model=str(model), output_filename=str(task)))
+    affixes = ChatTemplate(CHATML_TEMPLATE).prompt_affixes()
+    params = decode_llm_parameters(read_task_bundle(task, ("METADATA",))["METADATA"])
+    assert params["prompt_template"] == affixes.llm_parameters()["prompt_template"]
+    assert "<|im_end|>" in params["stop_tokens"] and "<|im_end|>" in summary["stop_tokens"]
+    litertlm = tmp_path / "chat.litertlm"
+    bundle(BundleConfig(model=str(model), output_filename=str(litertlm)))
+    options = LlmInferenceOptions(model_path=str(litertlm), max_tokens=96, num_threads=1)
+    with LlmInference.create_from_options(options) as llm:
+        ids, _ = llm.prompt_ids("Where is the library?")
+    assert ids == reference_ids(folder, MESSAGES[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtool.chat_template import ChatTemplate
 from llmtool.config import BundleConfig
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
@@ -154,6 +155,19 @@ def _default_tokens(source: Tokenizer) -> tuple[str | None, list[str]]:
     return start, stops
 
 
+def chat_affixes(chat: ChatTemplate, system: str | None) -> tuple[str | None, str, str]:
+    """(session prefix, prompt prefix, prompt suffix) of a chat template. A template that
+    folds the system prompt into the user's turn (Gemma) keeps a given one verbatim."""
+    try:
+        affixes = chat.prompt_affixes(system)
+    except LlmToolError:
+        if system is None:
+            raise
+        affixes = chat.prompt_affixes()
+        return system, affixes.prompt_prefix, affixes.prompt_suffix
+    return affixes.session_prefix or None, affixes.prompt_prefix, affixes.prompt_suffix
+
+
 def bundle(config: BundleConfig, progress: Progress = _no_progress) -> dict[str, Any]:
     """Validate the inputs, then write the bundle; returns a summary."""
     t0 = time.perf_counter()
@@ -232,6 +246,16 @@ def _bundle_graph(
     for what, token in [("start", start), *(("stop", t) for t in stops)]:
         if token is not None and tok.runtime.token_to_id(token) is None:
             raise LlmToolError(f"{what} token {token!r} is not in the tokenizer", where)
+    session, prefix, suffix = config.system_prompt, config.prompt_prefix, config.prompt_suffix
+    chat = source.chat_template
+    if chat is not None and prefix is None and suffix is None:
+        # The model's chat template, as the fixed text the reference runtimes put around
+        # each prompt, and its end-of-turn token among the stop tokens.
+        session, prefix, suffix = chat_affixes(chat, config.system_prompt)
+        end = chat.end_of_turn()
+        if config.stop_tokens is None and end and end not in stops:
+            if tok.runtime.token_to_id(end) is not None:
+                stops.append(end)
     tok.runtime.use_start_and_stop(start, stops)
 
     progress(2, 3, f"writing {output.name}")
@@ -243,11 +267,7 @@ def _bundle_graph(
             params["start_token"] = start
         if tok.bytes_to_unicode:
             params["input_output_normalizations"] = ["INPUT_OUTPUT_NORMALIZATION_BYTES_TO_UNICODE"]
-        template = {
-            "session_prefix": config.system_prompt,
-            "prompt_prefix": config.prompt_prefix,
-            "prompt_suffix": config.prompt_suffix,
-        }
+        template = {"session_prefix": session, "prompt_prefix": prefix, "prompt_suffix": suffix}
         if any(v for v in template.values()):
             params["prompt_template"] = {k: v for k, v in template.items() if v}
         write_task_bundle(output, graph, tok.data, encode_llm_parameters(params))
@@ -259,11 +279,11 @@ def _bundle_graph(
             meta.start_token.token_ids.ids.append(tok.runtime.bos_id)
         for token_id in [tok.runtime.token_to_id(t) for t in stops]:
             meta.stop_tokens.add().token_ids.ids.append(token_id)
-        if config.prompt_prefix or config.prompt_suffix:
-            meta.prompt_templates.user.prefix = config.prompt_prefix or ""
-            meta.prompt_templates.user.suffix = config.prompt_suffix or ""
-        if config.system_prompt:
-            meta.prompt_templates.system.prefix = config.system_prompt
+        if prefix or suffix:
+            meta.prompt_templates.user.prefix = prefix or ""
+            meta.prompt_templates.user.suffix = suffix or ""
+        if session:
+            meta.prompt_templates.system.prefix = session
         if facts.kv_len:
             meta.max_num_tokens = facts.kv_len
         write_litertlm(
@@ -278,6 +298,11 @@ def _bundle_graph(
         "bytes_to_unicode": tok.bytes_to_unicode,
         "start_token": start,
         "stop_tokens": stops,
+        "prompt_template": {
+            "session_prefix": session,
+            "prompt_prefix": prefix,
+            "prompt_suffix": suffix,
+        },
         "vocab_size": facts.vocab_size,
         "kv_cache": facts.kv_len,
         "prefill_lengths": list(facts.prefill_lengths),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmtool.errors import LlmToolError
 from llmtool.pipelines.resolve import PromptTemplate, bundle_kind, resolve_bundle, resolve_graph
 from llmtool.runtime.inference import (
     DEFAULT_MAX_TOKENS,
     GenerationResult,
     InferenceSession,
     LlmInferenceOptions,
+    Prompt,
     ResultListener,
 )
 
@@ -36,10 +38,18 @@ class LlmInference(InferenceSession):
         graph_path, tokenizer = resolve_graph(path, options.max_tokens or DEFAULT_MAX_TOKENS)
         return cls.from_graph(graph_path, tokenizer, options)  # type: ignore[return-value]
 
-    def prompt_ids(self, prompt: str) -> tuple[list[int], int]:
-        if self.template is not None:
-            prompt = self.template.apply(prompt)
-        return super().prompt_ids(prompt)
+    def prompt_ids(
+        self, prompt: Prompt, chat: bool = False, system: str | None = None
+    ) -> tuple[list[int], int]:
+        if self.template is not None and isinstance(prompt, str):
+            # A bundle's prompt template is its chat template, as fixed text.
+            if system is not None:
+                raise LlmToolError("a bundle's prompt template fixes the system prompt")
+            t = self.template
+            ids = self.tokenizer.encode(t.apply(prompt))
+            # A framed prompt is never cut: the frame's head would go.
+            return self.fit_prompt(ids, whole=bool(t.session_prefix or t.prompt_prefix))
+        return super().prompt_ids(prompt, chat, system)
 
     @classmethod
     def create_from_model_file(cls, model_path: str) -> LlmInference:

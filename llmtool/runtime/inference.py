@@ -250,8 +250,6 @@ class InferenceSession:
         """Prompt token ids cut to the context window, and how many were dropped (a chat is
         never cut, its template would lose its head: it may fill max tokens unless a context
         window is set)."""
-        o = self.options
-        max_tokens = self.max_tokens
         chat = chat or not isinstance(prompt, str)
         if chat:
             ids = self.chat_ids(chat_messages(prompt, system))
@@ -259,6 +257,13 @@ class InferenceSession:
             raise LlmToolError("a system prompt needs chat mode")
         else:
             ids = self.tokenizer.encode(prompt)
+        return self.fit_prompt(ids, whole=chat)
+
+    def fit_prompt(self, ids: list[int], whole: bool = False) -> tuple[list[int], int]:
+        """Prompt ids cut to the context window (unless `whole`: a templated prompt), and how
+        many were dropped."""
+        o = self.options
+        max_tokens = self.max_tokens
         if not ids:
             raise LlmToolError("the prompt is empty")
         if len(ids) >= max_tokens:
@@ -267,7 +272,7 @@ class InferenceSession:
                 "(input + output)"
             )
         window = o.context_window or max(1, max_tokens // 2)
-        if chat:
+        if whole:
             # Never cut (the template's head would go): only an explicit window limits it.
             if o.context_window is not None and len(ids) > window:
                 raise LlmToolError(
