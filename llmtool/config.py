@@ -209,13 +209,19 @@ class ReleaseConfig:
     eval_max_windows: int | None = 16
     smoke_prompt: str = "Once upon a time"
     smoke_max_tokens: int = 32  # 0: no smoke run
+    # bundle: BundleConfig's token and prompt-template fields for .task / .litertlm outputs
+    bundle: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the YAML file it came from (for error messages)
 
 
 _RELEASE_TOP = {
     "name", "model_type", "input_ckpt", "ckpt_format", "vocab_model_file", "lora_ckpt",
-    "lora_rank", "output_dir", "matrix", "export", "evaluation", "smoke",
+    "lora_rank", "output_dir", "matrix", "export", "evaluation", "smoke", "bundle",
 }  # fmt: skip
+_RELEASE_BUNDLE_KEYS = (
+    "start_token", "stop_tokens", "enable_bytes_to_unicode_mapping", "system_prompt",
+    "prompt_prefix", "prompt_suffix",
+)  # fmt: skip
 _RELEASE_SECTIONS = {
     "matrix": {"backends": "backends", "precisions": "precisions", "outputs": "outputs"},
     "export": {"max_seq_len": "max_seq_len", "prefill_len": "prefill_len"},
@@ -242,7 +248,16 @@ def load_release_config(
     unknown = sorted(set(raw) - _RELEASE_TOP)
     if unknown:
         raise fail(f"unknown key {unknown[0]!r} (expected {', '.join(sorted(_RELEASE_TOP))})")
-    values: dict[str, Any] = {k: v for k, v in raw.items() if k not in _RELEASE_SECTIONS}
+    values: dict[str, Any] = {
+        k: v for k, v in raw.items() if k not in _RELEASE_SECTIONS and k != "bundle"
+    }
+    bundle = raw.get("bundle") or {}
+    if not isinstance(bundle, dict):
+        raise fail("bundle: expected a mapping")
+    bad = sorted(set(bundle) - set(_RELEASE_BUNDLE_KEYS))
+    if bad:
+        raise fail(f"bundle: unknown key {bad[0]!r} (expected {', '.join(_RELEASE_BUNDLE_KEYS)})")
+    values["bundle"] = dict(bundle)
     for section, names in _RELEASE_SECTIONS.items():
         body = raw.get(section) or {}
         if not isinstance(body, dict):

@@ -81,7 +81,7 @@ def test_matrix_2x3_manifest_and_determinism(spm_model, tmp_path):
         matrix={
             "backends": ["cpu", "gpu"],
             "precisions": ["float32", "int8", "int4"],
-            "outputs": ["container", "graph", "task"],
+            "outputs": ["container", "graph", "task", "litertlm"],
         },
     )
     p = plan(path, eval_text=str(tmp_path / "eval.txt"))
@@ -92,7 +92,7 @@ def test_matrix_2x3_manifest_and_determinism(spm_model, tmp_path):
     assert manifest["items"] == [
         "cpu-float32", "cpu-int4", "cpu-int8", "gpu-float32", "gpu-int4", "gpu-int8"
     ]  # fmt: skip
-    assert len(manifest["artifacts"]) == 18
+    assert len(manifest["artifacts"]) == 24
     ckpt_digest = manifest["source"]["checkpoint_sha256"]
     for a in manifest["artifacts"]:
         f = out / a["path"]
@@ -109,6 +109,7 @@ def test_matrix_2x3_manifest_and_determinism(spm_model, tmp_path):
     assert by_path["tiny-cpu-int8.task"]["settings"]["built_from_sha256"] == graph["sha256"]
     bundle = read_task_bundle(out / "tiny-cpu-int8.task")
     assert bundle["TF_LITE_PREFILL_DECODE"] == (out / "tiny-cpu-int8.tflite").read_bytes()
+    assert by_path["tiny-cpu-int8.litertlm"]["settings"]["stop_tokens"] == ["<eos>"]
     # Quality per model (the same weights give the same perplexity on either backend), and a
     # smoke-run speed per model in timings.json, never in the manifest.
     ppl = {k: m["quality"]["perplexity"] for k, m in manifest["models"].items()}
@@ -287,10 +288,7 @@ def test_merge_refuses_disagreeing_digests(spm_model, tmp_path):
 def test_config_errors_are_one_line(spm_model, tmp_path):
     runner = CliRunner()
     cases = [
-        (
-            {"matrix": {"outputs": ["litertlm"]}},
-            "has no .litertlm writer (the bundle pipeline) yet",
-        ),
+        ({"matrix": {"outputs": ["lora"]}}, "has no LoRA converter (the lora-convert pipeline)"),
         ({"matrix": {"precisions": ["int3"]}}, "unknown precision 'int3'"),
         ({"lora_ckpt": "adapter"}, "LoRA adapters cannot be released yet"),
         ({"smoke": {"tokens": 3}}, "smoke: unknown key 'tokens'"),

@@ -2,8 +2,8 @@
 and a `manifest.json`, for CI pipelines.
 
 Each matrix item is one model (a backend and a precision). Its artifacts are produced by the
-pipelines that own them: `convert` (container .bin), `export` (graph .tflite), the `.task`
-writer of formats/task_bundle.py; its quality line by `evaluate` and its speed by a greedy
+pipelines that own them: `convert` (container .bin), `export` (graph .tflite), `bundle`
+(.task and .litertlm); its quality line by `evaluate` and its speed by a greedy
 smoke run through `LlmInference`. This module only plans, skips what is up to date, and
 records.
 
@@ -60,10 +60,9 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "int4-channel": {"quantization": "int4", "block_size": 0},  # one scale per row
 }
 # Output kind -> file extension. Kinds are built in this order (each from the one before).
-OUTPUTS = {"container": ".bin", "graph": ".tflite", "task": ".task"}
+OUTPUTS = {"container": ".bin", "graph": ".tflite", "task": ".task", "litertlm": ".litertlm"}
 # Kinds whose pipeline this llmtool does not have yet: refused with this reason.
 MISSING_OUTPUTS = {
-    "litertlm": ".litertlm writer (the bundle pipeline)",
     "lora": "LoRA converter (the lora-convert pipeline)",
 }
 
@@ -90,6 +89,7 @@ class ReleasePlan:
     output_dir: str
     source: dict[str, Any]  # checkpoint digest and the digest of each file
     eval_text_sha256: str | None
+    tokenizer_path: str  # what convert reads the tokenizer from (for the bundles too)
 
     @property
     def items(self) -> list[Item]:
@@ -175,7 +175,11 @@ def plan_release(config: ReleaseConfig) -> ReleasePlan:
         if not text.is_file():
             raise LlmToolError("evaluation text not found", text)
         text_digest = _file_sha256(text)
-    return ReleasePlan(config, str(out), source, text_digest)
+    from llmtool.checkpoint import resolve_files
+
+    folder = resolve_files(config.input_ckpt, config.ckpt_format)[0][0].parent
+    vocab = config.vocab_model_file or str(folder)  # as convert does
+    return ReleasePlan(config, str(out), source, text_digest, vocab)
 
 
 def checkpoint_digest(config: ReleaseConfig, cache_file: Path | None = None) -> dict[str, Any]:
@@ -262,7 +266,8 @@ class _ItemBuild:
                 **PRECISIONS[self.item.precision],
             },
             "graph": {"max_seq_len": c.max_seq_len, "prefill_len": c.prefill_len},
-            "task": {"start_token": None, "stop_tokens": None},  # None: the model's own
+            "task": dict(sorted(c.bundle.items())),  # unset: the tokenizer's own tokens
+            "litertlm": dict(sorted(c.bundle.items())),
             "quality": self.plan.settings()["evaluation"] or {},
             "smoke": {"prompt": c.smoke_prompt, "max_tokens": c.smoke_max_tokens, "top_k": 1},
         }
@@ -273,6 +278,7 @@ class _ItemBuild:
         keys = {"container": _digest({**base, **s["container"]})}
         keys["graph"] = _digest({"from": keys["container"], **s["graph"]})
         keys["task"] = _digest({"from": keys["graph"], **s["task"]})
+        keys["litertlm"] = _digest({"from": keys["graph"], **s["litertlm"]})
         keys["quality"] = _digest({"from": keys["graph"], **s["quality"]})
         keys["smoke"] = _digest({"from": keys["graph"], **s["smoke"]})
         self.settings = s
@@ -404,20 +410,22 @@ class _ItemBuild:
             summary = export_graph(source, target, options, forward)
             exact = {k: summary[k] for k in ("max_seq_len", "prefill_len", "signatures")}
             return target, {**exact, "built_from_sha256": _file_sha256(source)}
-        if kind == "task":
-            from llmtool.formats.llm_params import decode_llm_parameters
-            from llmtool.formats.task_bundle import (
-                METADATA_ENTRY,
-                read_task_bundle,
-                write_task_bundle_from_graph,
-            )
+        if kind in ("task", "litertlm"):
+            from llmtool.config import BundleConfig
+            from llmtool.pipelines.bundle import bundle
 
             source = self._artifact("graph")
-            write_task_bundle_from_graph(target, source)
-            params = decode_llm_parameters(
-                read_task_bundle(target, (METADATA_ENTRY,))[METADATA_ENTRY]
+            config = BundleConfig(
+                tflite_model=str(source),
+                tokenizer_model=self.plan.tokenizer_path,
+                output_filename=str(target),
+                **c.bundle,
             )
-            exact = {k: params.get(k) for k in ("start_token", "stop_tokens")}
+            summary = bundle(config, forward)
+            exact = {
+                k: summary[k]
+                for k in ("tokenizer", "bytes_to_unicode", "start_token", "stop_tokens")
+            }
             return target, {**exact, "built_from_sha256": _file_sha256(source)}
         raise AssertionError(kind)
 
