@@ -202,8 +202,9 @@ class ReleaseConfig:
     vocab_model_file: str | None = None
     lora_ckpt: str | None = None
     lora_rank: int | None = None
-    max_seq_len: int = 1024  # export: KV cache length
+    max_seq_len: int | None = None  # export: KV cache length (None: export's default)
     prefill_len: int = 64  # export: tokens per prefill call
+    kv_buckets: tuple[int, ...] | None = None  # export: attended lengths (None: export's)
     eval_text: str | None = None  # evaluation: held-out text; None: no quality line
     eval_window: int = 256
     eval_max_windows: int | None = 16
@@ -224,7 +225,11 @@ _RELEASE_BUNDLE_KEYS = (
 )  # fmt: skip
 _RELEASE_SECTIONS = {
     "matrix": {"backends": "backends", "precisions": "precisions", "outputs": "outputs"},
-    "export": {"max_seq_len": "max_seq_len", "prefill_len": "prefill_len"},
+    "export": {
+        "max_seq_len": "max_seq_len",
+        "prefill_len": "prefill_len",
+        "kv_buckets": "kv_buckets",
+    },
     "evaluation": {"text": "eval_text", "window": "eval_window", "max_windows": "eval_max_windows"},
     "smoke": {"prompt": "smoke_prompt", "max_tokens": "smoke_max_tokens"},
 }
@@ -282,6 +287,13 @@ def load_release_config(
     for key in ("name", "model_type", "input_ckpt", "output_dir"):
         if not values.get(key):
             raise fail(f"missing {key!r}")
+    buckets = values.get("kv_buckets")
+    if buckets is not None:
+        if not isinstance(buckets, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in buckets
+        ):
+            raise fail("export.kv_buckets: expected a list of integers")
+        values["kv_buckets"] = tuple(buckets)
     for key in ("backends", "precisions", "outputs"):
         value = values.get(key)
         if value is None:

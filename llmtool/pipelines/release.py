@@ -106,7 +106,11 @@ class ReleasePlan:
                 "precisions": list(c.precisions),
                 "outputs": list(c.outputs),
             },
-            "export": {"max_seq_len": c.max_seq_len, "prefill_len": c.prefill_len},
+            "export": {
+                "max_seq_len": c.max_seq_len,
+                "prefill_len": c.prefill_len,
+                "kv_buckets": None if c.kv_buckets is None else list(c.kv_buckets),
+            },
             "evaluation": None
             if c.eval_text is None
             else {
@@ -146,16 +150,15 @@ def check_config(config: ReleaseConfig) -> None:
             "lora_ckpt: LoRA adapters cannot be released yet: this llmtool has no "
             f"{MISSING_OUTPUTS['lora']}"
         )
-    if config.max_seq_len < 2 or config.prefill_len < 1:
+    limit = config.max_seq_len
+    if (limit is not None and limit < 2) or config.prefill_len < 1:
         raise fail("export: max_seq_len must be at least 2 and prefill_len at least 1")
-    if config.eval_text is not None and not 2 <= config.eval_window <= config.max_seq_len:
-        raise fail(
-            f"evaluation.window must be between 2 and export.max_seq_len ({config.max_seq_len})"
-        )
+    if config.eval_text is not None and not 2 <= config.eval_window <= (limit or 1 << 30):
+        raise fail(f"evaluation.window must be between 2 and export.max_seq_len ({limit})")
     if config.eval_max_windows is not None and config.eval_max_windows < 1:
         raise fail("evaluation.max_windows must be at least 1")
-    if not 0 <= config.smoke_max_tokens <= config.max_seq_len:
-        raise fail(f"smoke.max_tokens must be between 0 and {config.max_seq_len}")
+    if not 0 <= config.smoke_max_tokens <= (limit or 1 << 30):
+        raise fail(f"smoke.max_tokens must be between 0 and export.max_seq_len ({limit})")
 
 
 def matrix(config: ReleaseConfig) -> dict[str, list[str]]:
@@ -265,7 +268,11 @@ class _ItemBuild:
                 "precision": self.item.precision,
                 **PRECISIONS[self.item.precision],
             },
-            "graph": {"max_seq_len": c.max_seq_len, "prefill_len": c.prefill_len},
+            "graph": {
+                "max_seq_len": c.max_seq_len,
+                "prefill_len": c.prefill_len,
+                "kv_buckets": None if c.kv_buckets is None else list(c.kv_buckets),
+            },
             "task": dict(sorted(c.bundle.items())),  # unset: the tokenizer's own tokens
             "litertlm": dict(sorted(c.bundle.items())),
             "quality": self.plan.settings()["evaluation"] or {},
@@ -406,9 +413,12 @@ class _ItemBuild:
             from llmtool.pipelines.export import ExportOptions, export_graph
 
             source = self._artifact("container")
-            options = ExportOptions(c.max_seq_len, c.prefill_len)
+            options = ExportOptions(c.max_seq_len, c.prefill_len, c.kv_buckets)
             summary = export_graph(source, target, options, forward)
-            exact = {k: summary[k] for k in ("max_seq_len", "prefill_len", "signatures")}
+            exact = {
+                k: summary.get(k)
+                for k in ("max_seq_len", "prefill_len", "kv_buckets", "signatures")
+            }
             return target, {**exact, "built_from_sha256": _file_sha256(source)}
         if kind in ("task", "litertlm"):
             from llmtool.config import BundleConfig
