@@ -55,7 +55,8 @@ class _Weights:
         """(buffer index, shape, dtype) of a constant; `make` runs once per model."""
         if key not in self._buffers:
             arr = np.ascontiguousarray(make())
-            self._buffers[key] = (self.writer.add_buffer(arr), arr.shape, str(arr.dtype))
+            index = self.writer.add_lazy_buffer(arr.nbytes, lambda: arr, _alignment(arr.nbytes))
+            self._buffers[key] = (index, arr.shape, str(arr.dtype))
         return self._buffers[key]
 
     def lazy(
@@ -67,8 +68,17 @@ class _Weights:
     ) -> int:
         """A weight buffer filled only while the file is written (one weight in memory)."""
         if key not in self._lazy:
-            self._lazy[key] = self.writer.add_lazy_buffer(nbytes, make, alignment)
+            self._lazy[key] = self.writer.add_lazy_buffer(
+                nbytes, make, alignment or _alignment(nbytes)
+            )
         return self._lazy[key]
+
+
+def _alignment(nbytes: int) -> int | None:
+    """Small constants (shapes, scalars, tables under 64 KiB) sit 64-byte aligned (what XNNPACK
+    needs) instead of on their own 64 KiB page: tens of them would otherwise pad a small
+    model's graph to several times its container."""
+    return 64 if nbytes < 65536 else None
 
 
 def _runtime_layout(c: Container, names: tuple[str, ...]) -> np.ndarray:
@@ -99,6 +109,7 @@ class _Subgraph:
         self.inputs: dict[str, int] = {}
         self.outputs: dict[str, int] = {}
         self._consts: dict[str, int] = {}
+        self._stored: dict[str, int] = {}  # weight key -> its constant in the stored dtype
 
     # -- tensors ----------------------------------------------------------------------------
 
@@ -182,10 +193,17 @@ class _Subgraph:
                 scale = np.concatenate([np.asarray(i.scale, np.float32) for i in infos])
                 q = Quantization(scale=scale, zero_point=np.zeros(len(scale), np.int64), axis=0)
             t = self.tensor(shape, dtype, key[2:], buf, q)
+            self._stored[key] = t
             if dtype == "float16":
                 t = self.op("DEQUANTIZE", [t], shape)
         self._consts[key] = t
         return t
+
+    def stored(self, *names: str) -> int | None:
+        """The constant holding weight(*names) in its stored dtype (before any DEQUANTIZE);
+        None when it was widened to float32 at export."""
+        self.weight(*names)
+        return self._stored.get("w:" + "+".join(names))
 
     # -- ops --------------------------------------------------------------------------------
 
@@ -536,19 +554,32 @@ class _Decoder:
         g.outputs["logits"] = g.reshape(logits, (1, T, spec.vocab_size))
 
     def embed(self, g: _Subgraph, ids: int, input_pos: int) -> int:
+        """Token embeddings, gathered from the table in its stored dtype: only the T rows a
+        call needs are widened to float32, and a tied output layer reads the same constant,
+        so the graph holds the table once, as small as the container does.
+
+        LiteRT's kernels (checked with ai-edge-litert 2.3 and LiteRT-LM 0.18): EMBEDDING_LOOKUP
+        dequantizes int8 and int4 per-row tables itself; float16 rows are GATHERed and then
+        DEQUANTIZEd; blockwise int4 rows are GATHERed as bytes and their nibbles unpacked."""
         spec = self.spec
         name = role_name("embed")
         info = g.w.c.info(name)
-        T = g.shape(ids)[0]
-        if info.dtype in ("float32", "int8") and not np.any(info.zero_point != 0):
-            table = g.weight(name)
-            x = g.op("EMBEDDING_LOOKUP", [ids, table], (T, spec.hidden_size))
-        else:
-            # float16 / int4 / asymmetric tables: gather from a float32 copy.
-            table = g.const("ef:" + name, lambda: g.w.c.float(name))
-            x = g.op(
-                "GATHER", [table, ids], (T, spec.hidden_size), options={"axis": 0, "batch_dims": 0}
-            )
+        T, H = g.shape(ids)[0], spec.hidden_size
+        gather = {"axis": 0, "batch_dims": 0}
+        table = g.weight(name)  # the constant the tied output layer also uses
+        stored = g.stored(name)
+        if stored is None:  # widened to float32 (asymmetric): look the rows up in that copy
+            x = g.op("EMBEDDING_LOOKUP", [ids, table], (T, H))
+        elif g.tensors[stored].dtype == "float16":
+            rows = g.op("GATHER", [stored, ids], (T, H), "float16", options=gather)
+            x = g.op("DEQUANTIZE", [rows], (T, H))
+        elif info.dtype == "int4" and H % 2:  # rows do not start on whole bytes: widen
+            copy = g.const("ef:" + name, lambda: g.w.c.float(name))
+            x = g.op("GATHER", [copy, ids], (T, H), options=gather)
+        elif info.dtype == "int4" and info.block_size:
+            x = self.gather_int4_rows(g, stored, ids)
+        else:  # float32, int8 and int4 with one scale per row
+            x = g.op("EMBEDDING_LOOKUP", [ids, table], (T, H))
         if spec.embedding_scale != 1.0:
             x = g.mul(x, g.scalar(np.float32(spec.embedding_scale)))
         if spec.learned_positions:
@@ -563,6 +594,34 @@ class _Decoder:
                 ),
             )
         return x
+
+    def gather_int4_rows(self, g: _Subgraph, table: int, ids: int) -> int:
+        """Rows of a blockwise int4 table: GATHER the packed bytes (the same buffer viewed as
+        int8 [rows, columns / 2]), split each byte into its two signed nibbles (low first), and
+        scale each block of a row by its gathered float16 scale."""
+        t = g.tensors[table]
+        V, H = t.shape
+        T = g.shape(ids)[0]
+        q = t.quantization
+        assert q is not None and q.block_size, "blockwise int4 only"
+        block = q.block_size
+        half = (T, H // 2)
+        packed = g.tensor((V, H // 2), "int8", t.name + ".bytes", t.buffer)
+        gather = {"axis": 0, "batch_dims": 0}
+        rows = g.op(
+            "CAST", [g.op("GATHER", [packed, ids], half, "int8", options=gather)], half, "int32"
+        )
+        sixteen = g.const("i32:16", lambda: np.asarray([16], np.int32))
+        low = g.op("CAST", [g.op("FLOOR_MOD", [rows, sixteen], half, "int32")], half)
+        high = g.op("CAST", [g.op("FLOOR_DIV", [rows, sixteen], half, "int32")], half)
+        eight = g.scalar(8.0)
+        low = g.sub(g.op("FLOOR_MOD", [g.add(low, eight), g.scalar(16.0)], half), eight)
+        values = g.op("PACK", [low, high], (T, H // 2, 2), options={"values_count": 2, "axis": 2})
+        nb = H // block
+        values = g.reshape(values, (T, nb, block))
+        scales = g.op("GATHER", [q.scales, ids], (T, nb), "float16", options=gather)
+        scales = g.op("DEQUANTIZE", [scales], (T, nb))
+        return g.reshape(g.mul(values, g.reshape(scales, (T, nb, 1))), (T, H))
 
 
 def rope_inv_freq(
