@@ -326,6 +326,71 @@ def export(
 
 
 # ------------------------------------------------------------------------------------------
+# quantize
+
+
+@app.command()
+@friendly_errors
+def quantize(
+    input_file: Annotated[
+        Path, typer.Argument(help="A converted model (.bin) or any TFLite graph (.tflite).")
+    ],
+    output_file: Annotated[Path, typer.Argument(help="The quantized file to write.")],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="dynamic-int8 (int8 weights, float activations), float16, int4 (blockwise; "
+            "embeddings at 8 bits), full-int8 or int16x8 (integer activations, calibrated)."
+        ),
+    ] = "dynamic-int8",
+    block_size: Annotated[
+        int | None,
+        typer.Option(help="int4: one scale per 32, 64 or 128 values of a row; 0 = per row."),
+    ] = None,
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option(help="full-int8/int16x8: text, one sample per line (or .npz arrays)."),
+    ] = None,
+    attention_bits: Annotated[
+        int | None, typer.Option(help="Containers: bits of attention weights (32/16/8/4).")
+    ] = None,
+    feedforward_bits: Annotated[
+        int | None, typer.Option(help="Containers: bits of feed-forward weights.")
+    ] = None,
+    embedding_bits: Annotated[
+        int | None, typer.Option(help="Bits of embedding/output weights (int4 default: 8).")
+    ] = None,
+    float_source: Annotated[
+        Path | None,
+        typer.Option(help="Float container to take tensors from that INPUT already quantized."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize a converted model or any TFLite graph (dynamic-int8, float16, int4, full-int8)."""
+    from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
+
+    options = QuantizeOptions(
+        mode=mode,
+        block_size=block_size,
+        calibration_data=str(calibration_data) if calibration_data else None,
+        attention_bits=attention_bits,
+        feedforward_bits=feedforward_bits,
+        embedding_bits=embedding_bits,
+        float_source=str(float_source) if float_source else None,
+    )
+    with ProgressBar("quantizing", enabled=not json_out) as bar:
+        summary = quantize_model(input_file, output_file, options, bar)
+    if json_out:
+        print_json(summary)
+        return
+    out.print(
+        f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
+        f"{summary['ratio']}x smaller, {summary['mode']}) in {summary['seconds']:.1f} s",
+        highlight=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
 # bundle
 
 
@@ -491,14 +556,27 @@ def evaluate(
     window: Annotated[int, typer.Option(help="Tokens per scored window.")] = 256,
     max_windows: Annotated[int | None, typer.Option(help="Score at most this many.")] = None,
     num_threads: Annotated[int | None, typer.Option(help="Interpreter threads.")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="Float model (.bin/.tflite) or Hugging Face folder to compare with: KL, top-1 "
+            "and greedy agreement, tokenization."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Perplexity of a model on a text, computed with the LiteRT runtime."""
+    """Perplexity of a model on a text (LiteRT runtime); with --reference, how far it is."""
     from llmtool.pipelines.evaluate import evaluate as run_evaluate
 
     with ProgressBar("evaluating", enabled=not json_out) as bar:
         result = run_evaluate(
-            str(model) if model else None, text, window, max_windows, num_threads, bar
+            str(model) if model else None,
+            text,
+            window,
+            max_windows,
+            num_threads,
+            bar,
+            reference=str(reference) if reference else None,
         )
     if json_out:
         print_json(result)
@@ -508,6 +586,17 @@ def evaluate(
         f"({result['windows']} windows of {result['window']})",
         highlight=False,
     )
+    ref = result.get("reference")
+    if ref:
+        out.print(
+            f"reference perplexity {ref['perplexity']:.3f}; KL(reference || model) mean "
+            f"{ref['mean_kl']:.5f}, max {ref['max_kl']:.4f}; top-1 agreement "
+            f"{100 * ref['top1_agreement']:.2f}%; greedy {ref['greedy_common_prefix']}/"
+            f"{ref['greedy_tokens']} tokens identical before the first difference "
+            f"({100 * ref['greedy_agreement']:.1f}% of positions); same tokenization: "
+            f"{'yes' if ref['same_tokenization'] else 'no'}",
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------

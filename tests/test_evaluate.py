@@ -69,3 +69,28 @@ def test_cli_evaluate_json(converted, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["windows"] >= 2 and data["perplexity"] > 1
+
+
+def test_reference_hf_folder_and_cli(tiny_model, converted, tmp_path, monkeypatch):
+    """--reference with a Hugging Face folder runs transformers: our float32 graph agrees."""
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    folder = tiny_model("LLAMA")
+    result = evaluate(str(converted("LLAMA")), text, window=32, reference=str(folder))
+    ref = result["reference"]
+    assert ref["mean_kl"] < 1e-6 and ref["top1_agreement"] == 1.0
+    assert np.isclose(ref["perplexity"], result["perplexity"], rtol=1e-4)
+    assert ref["same_tokenization"] is True
+    assert ref["greedy_tokens"] > 0 and ref["greedy_agreement"] == 1.0
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "llmtool", "evaluate", "--model",
+            str(converted("LLAMA", "int4")), "--text", str(text), "--window", "32",
+            "--reference", str(converted("LLAMA")), "--json",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout)["reference"]
+    assert 0 < ref["mean_kl"] <= ref["max_kl"] and ref["top1_agreement"] < 1.0

@@ -1,0 +1,602 @@
+"""`llmtool quantize`: a converted container (.bin) or any TFLite graph -> a quantized copy.
+
+Modes (the autocomplete codelab's three, plus int4 and int16 activations):
+- `dynamic-int8`: int8 weights per output channel, float activations (quantized per token by
+  XNNPACK's dynamic-range kernels); about 4x smaller than float32.
+- `float16`: float16 weights, widened to float32 at load; about 2x smaller.
+- `int4`: int4 weights, blockwise (one float16 scale per --block-size values of a row, default
+  32; 0 = per output channel); embeddings and the output layer stay at 8 bits.
+- `full-int8` / `int16x8`: int8 weights and int8 (or int16) activations with ranges calibrated
+  on --calibration-data. For LLM graphs (a `decode` signature with KV caches) only the
+  fully-connected layers get integer activations: quantizing the attention's additive mask
+  (-1e9) and the KV caches to int8/int16 ruins every prediction (mean KL 3.7 on the default
+  model, docs/BENCHMARKS.md). Writes a graph (.tflite), also from a container.
+
+Containers are quantized here, tensor by tensor (quantization.py). Graphs, whoever wrote them,
+go through Google's `litert-quantizer`, which handles every builtin op LiteRT quantizes.
+A tensor that is already int8/int4 is copied if it keeps its encoding and otherwise refused
+(re-quantizing compounds the error) unless `float_source` names the float model to take it
+from. Outputs are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option
+from llmtool.errors import LlmToolError
+from llmtool.formats import metadata as keys
+from llmtool.formats.container import Container, ContainerWriter, TensorPlan
+from llmtool.formats.tflite_model import ModelFile, ModelWriter, read_model
+from llmtool.pipelines.convert import encode_tensor, storage_plan
+from llmtool.pipelines.quiet import quiet
+from llmtool.quantization import QuantizedTensor
+from llmtool.spec import ROLE_KIND, ROLE_NAMES
+
+MODES = ("dynamic-int8", "float16", "int4", "full-int8", "int16x8")
+STATIC_MODES = {"full-int8": 8, "int16x8": 16}
+_MODE_BITS = {"dynamic-int8": 8, "float16": 16, "int4": 4}
+_KINDS = ("attention", "feedforward", "embedding")
+_QUANTIZED = ("int8", "int4", "uint8", "int16")
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str = "dynamic-int8"
+    block_size: int | None = None  # int4: None = 32 where it divides the row, 0 = per channel
+    calibration_data: str | None = None  # full-int8 / int16x8: text (one sample a line) or .npz
+    attention_bits: int | None = None  # per-kind overrides (containers): 32, 16, 8 or 4
+    feedforward_bits: int | None = None
+    embedding_bits: int | None = None
+    float_source: str | None = None  # float container to take already-quantized tensors from
+    calibration_samples: int = 32  # at most this many calibration lines / arrays
+
+
+def _no_progress(done: int, total: int, what: str) -> None:
+    pass
+
+
+def quantize_model(
+    input_path: str | Path,
+    output_path: str | Path,
+    options: QuantizeOptions | None = None,
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Quantize a container or a TFLite graph; returns a JSON-able summary."""
+    options = options or QuantizeOptions()
+    start = time.perf_counter()
+    src, out = Path(input_path), Path(output_path)
+    _check_options(options)
+    if out.resolve() == src.resolve():
+        raise LlmToolError("the output would overwrite the input (inputs are never modified)", out)
+    with read_model(src) as model:
+        graph = model.is_graph
+    if options.mode in STATIC_MODES and out.suffix != ".tflite":
+        raise LlmToolError(f"{options.mode} writes a graph: name the output *.tflite", out)
+    if graph:
+        summary = _quantize_graph(src, out, options, progress)
+    elif options.mode in STATIC_MODES:
+        summary = _static_from_container(src, out, options, progress)
+    else:
+        summary = _quantize_container(src, out, options, progress)
+    summary.update(
+        {
+            "input": str(src),
+            "input_bytes": src.stat().st_size,
+            "output": str(out),
+            "output_bytes": out.stat().st_size,
+            "mode": options.mode,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    summary["ratio"] = round(summary["input_bytes"] / max(summary["output_bytes"], 1), 2)
+    return summary
+
+
+def _check_options(o: QuantizeOptions) -> None:
+    if o.mode not in MODES:
+        raise LlmToolError(f"unknown mode {o.mode!r} (use {', '.join(MODES)})")
+    check_block_size_option(o.block_size)
+    if o.block_size is not None and o.mode != "int4":
+        raise LlmToolError("--block-size applies to --mode int4 only")
+    for kind in _KINDS:
+        bits = getattr(o, f"{kind}_bits")
+        if bits is not None and bits not in (32, 16, 8, 4):
+            raise LlmToolError(f"--{kind}-bits must be 32, 16, 8 or 4 (got {bits})")
+    if o.mode in STATIC_MODES:
+        if not o.calibration_data:
+            raise LlmToolError(
+                f"{o.mode} quantizes activations with ranges measured on representative data: "
+                "give --calibration-data FILE (text, one sample per line; or .npz arrays)"
+            )
+        if not Path(o.calibration_data).is_file():
+            raise LlmToolError("calibration data not found", o.calibration_data)
+    elif o.calibration_data:
+        raise LlmToolError(f"--calibration-data is for full-int8 / int16x8, not {o.mode}")
+
+
+def kind_bits(o: QuantizeOptions) -> dict[str, int]:
+    """Bits per weight kind: the mode's, int4 keeping embeddings at 8, then the overrides."""
+    base = _MODE_BITS.get(o.mode, 8)
+    bits = {k: base for k in _KINDS}
+    if base == 4:
+        bits["embedding"] = 8
+    for kind in _KINDS:
+        value = getattr(o, f"{kind}_bits")
+        if value is not None:
+            bits[kind] = int(value)
+    return bits
+
+
+# --------------------------------------------------------------------------------------------
+# containers
+
+
+def _role_patterns() -> list[tuple[re.Pattern[str], str]]:
+    pats = []
+    for role, template in ROLE_NAMES.items():
+        regex = re.escape(template).replace(re.escape("{i}"), r"\d+")
+        pats.append((re.compile(regex + "$"), ROLE_KIND.get(role, "float")))
+    return pats
+
+
+def tensor_kind(name: str, patterns: list[tuple[re.Pattern[str], str]] | None = None) -> str:
+    """The quantization kind of a container tensor: attention, feedforward, embedding, float."""
+    for pattern, kind in patterns or _role_patterns():
+        if pattern.match(name):
+            return kind
+    return "float"
+
+
+def _same_encoding(c: Container, name: str, entry: TensorPlan) -> bool:
+    info = c.info(name)
+    if info.dtype != entry.dtype or info.block_size != entry.block_size:
+        return False
+    return info.dtype not in ("int8", "int4") or not np.any(info.zero_point)
+
+
+def _quantize_container(
+    src: Path, out: Path, o: QuantizeOptions, progress: Progress
+) -> dict[str, Any]:
+    bits = kind_bits(o)
+    patterns = _role_patterns()
+    with Container.open(src) as c, _float_source(o.float_source) as fsrc:
+        plan: list[TensorPlan] = []
+        kinds: dict[str, str] = {}
+        for t in c:
+            kinds[t.name] = tensor_kind(t.name, patterns)
+            if kinds[t.name] == "float":
+                plan.append(TensorPlan(t.name, t.shape, t.dtype, t.axis, t.block_size))
+            else:
+                plan.append(storage_plan(t.name, t.shape, kinds[t.name], bits, o.block_size))
+        copied, requantized, from_source = [], [], []
+        for entry in plan:
+            info = c.info(entry.name)
+            if _same_encoding(c, entry.name, entry):
+                copied.append(entry.name)
+            elif info.dtype in ("float32", "float16"):
+                requantized.append(entry.name)
+            elif fsrc is None:
+                raise LlmToolError(
+                    f"tensor {entry.name!r} is already {info.dtype}; quantizing it again to "
+                    f"{entry.dtype} would compound the error: give --float-source with the "
+                    "float model it came from",
+                    src,
+                )
+            else:
+                _check_source(fsrc, entry)
+                from_source.append(entry.name)
+
+        def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
+            done = len(done_names)
+            progress(done, len(plan), entry.name)
+            done_names.append(entry.name)
+            if entry.name in copied:
+                q = c.quantized(entry.name)
+                return q if q is not None else np.asarray(c.raw(entry.name))
+            source = fsrc if entry.name in from_source else c
+            assert source is not None
+            return encode_tensor(source.float(entry.name), entry)
+
+        done_names: list[str] = []
+        metadata = dict(c.metadata)
+        conversion = json.loads(metadata.get(keys.CONVERSION, b"{}") or b"{}")
+        conversion["quant_bits"] = bits
+        conversion["quantize_mode"] = o.mode
+        blocks = sorted({e.block_size for e in plan if e.dtype == "int4"})
+        conversion.pop("int4_block_sizes", None)
+        if blocks:
+            conversion["int4_block_sizes"] = blocks
+        metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
+        ContainerWriter(out, c.model_type, plan, metadata).write(fill)
+        progress(len(plan), len(plan), "done")
+    return {
+        "kind": "container",
+        "quant_bits": bits,
+        "int4_block_sizes": blocks,
+        "tensors": len(plan),
+        "copied": len(copied),
+        "quantized": len(requantized),
+        "from_float_source": len(from_source),
+    }
+
+
+@contextmanager
+def _float_source(path: str | None) -> Iterator[Container | None]:
+    if path is None:
+        yield None
+        return
+    with Container.open(path) as c:
+        yield c
+
+
+def _check_source(fsrc: Container, entry: TensorPlan) -> None:
+    if entry.name not in fsrc:
+        raise LlmToolError(f"the float source has no tensor {entry.name!r}", fsrc.path)
+    info = fsrc.info(entry.name)
+    if info.shape != entry.shape:
+        raise LlmToolError(
+            f"tensor {entry.name!r} is {list(info.shape)} in the float source, "
+            f"{list(entry.shape)} in the input",
+            fsrc.path,
+        )
+    if info.dtype not in ("float32", "float16"):
+        raise LlmToolError(f"tensor {entry.name!r} is {info.dtype} there, not float", fsrc.path)
+
+
+def _static_from_container(
+    src: Path, out: Path, o: QuantizeOptions, progress: Progress
+) -> dict[str, Any]:
+    """full-int8 / int16x8 of a container: export its float graph, then quantize that."""
+    from llmtool.pipelines.export import export_graph
+
+    with Container.open(src) as c:
+        quantized = [t.name for t in c if t.dtype in _QUANTIZED]
+    source = src
+    if quantized:
+        if o.float_source is None:
+            raise LlmToolError(
+                f"tensor {quantized[0]!r} is already quantized; {o.mode} needs the float "
+                "model: give --float-source",
+                src,
+            )
+        source = Path(o.float_source)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".llmtool-quantize-") as tmp:
+        graph = Path(tmp) / "float.tflite"
+        export_graph(source, graph)
+        summary = _quantize_graph(graph, out, o, progress)
+    summary["exported_from"] = str(source)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# graphs (litert-quantizer)
+
+
+def is_decoder_graph(m: ModelFile) -> bool:
+    """An LLM graph in the LiteRT-LM convention: a decode signature with KV-cache inputs."""
+    return any(
+        s.key == "decode" and any(k.startswith("kv_cache_") for k in s.inputs) for s in m.signatures
+    )
+
+
+def _already_quantized(m: ModelFile) -> str | None:
+    """Name of a constant that is already integer-quantized (or float16), if any."""
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            if t.buffer and t.quantization is not None and t.dtype in _QUANTIZED:
+                return t.name
+            if t.buffer and t.dtype == "float16":
+                return t.name
+    return None
+
+
+def _per_row_fc_outputs(m: ModelFile, block: int, explicit: bool, src: Path) -> list[str]:
+    """Output names of fully-connected ops whose float weight rows `block` does not divide
+    (they keep one scale per row); an explicit block size must divide every row."""
+    names = []
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            if op.op != "FULLY_CONNECTED" or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            w = sg.tensors[op.inputs[1]]
+            if not w.buffer or w.dtype != "float32" or not w.shape or w.shape[-1] % block == 0:
+                continue
+            if explicit:
+                raise LlmToolError(
+                    f"block size {block} does not divide the row length {w.shape[-1]} of "
+                    f"{w.name} (choose another --block-size, or 0 for one scale per row)",
+                    src,
+                )
+            names += [sg.tensors[i].name for i in op.outputs]
+    return names
+
+
+def _output_layer_outputs(m: ModelFile) -> list[str]:
+    """Output names of an LLM graph's output layer: the fully-connected ops as wide as the
+    vocabulary (the `logits` output's last dimension)."""
+    names = []
+    for s in m.signatures:
+        sg = m.subgraphs[s.subgraph_index]
+        if "logits" not in s.outputs:
+            continue
+        vocab = sg.tensors[s.outputs["logits"]].shape[-1]
+        for op in sg.operators:
+            if op.op == "FULLY_CONNECTED" and len(op.inputs) > 1 and op.inputs[1] >= 0:
+                w = sg.tensors[op.inputs[1]]
+                if w.buffer and w.shape and w.shape[0] == vocab:
+                    names += [sg.tensors[i].name for i in op.outputs]
+    return names
+
+
+def _recipe(
+    o: QuantizeOptions, decoder: bool, per_row: list[str], output_layer: list[str]
+) -> list[dict[str, Any]]:
+    from litert_quantizer import qtyping
+    from litert_quantizer.algorithm_manager import AlgorithmName
+    from litert_quantizer.recipe_manager import RecipeManager
+
+    ops = qtyping.TFLOperationName
+    rm = RecipeManager()
+    if o.mode == "dynamic-int8":
+        rm.add_dynamic_config(regex=".*", operation_name=ops.ALL_SUPPORTED, num_bits=8)
+    elif o.mode == "float16":
+        rm.add_weight_only_config(
+            regex=".*",
+            operation_name=ops.ALL_SUPPORTED,
+            num_bits=16,
+            algorithm_key=AlgorithmName.FLOAT_CASTING,
+        )
+    elif o.mode == "int4":
+        block = DEFAULT_BLOCK_SIZE if o.block_size is None else o.block_size
+        rm.add_dynamic_config(regex=".*", operation_name=ops.ALL_SUPPORTED, num_bits=4)
+        if block:
+            rm.add_dynamic_config(
+                regex=".*",
+                operation_name=ops.FULLY_CONNECTED,
+                num_bits=4,
+                granularity=getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"),
+            )
+        for name in per_row:  # later scopes win: these layers keep one scale per row
+            rm.add_dynamic_config(
+                regex=f"^{re.escape(name)};$", operation_name=ops.FULLY_CONNECTED, num_bits=4
+            )
+        embedding = o.embedding_bits or 8
+        if embedding in (8, 4):
+            rm.add_dynamic_config(
+                regex=".*", operation_name=ops.EMBEDDING_LOOKUP, num_bits=embedding
+            )
+        if embedding == 8:  # the output layer, like the embedding, stays at 8 bits
+            for name in output_layer:
+                rm.add_dynamic_config(
+                    regex=f"^{re.escape(name)};$", operation_name=ops.FULLY_CONNECTED, num_bits=8
+                )
+    else:
+        bits = STATIC_MODES[o.mode]
+        rm.add_static_config(
+            regex=".*",
+            operation_name=ops.FULLY_CONNECTED if decoder else ops.ALL_SUPPORTED,
+            activation_num_bits=bits,
+            weight_num_bits=8,
+        )
+    recipe = list(rm.get_quantization_recipe())
+    if o.mode in STATIC_MODES:  # keep the graph's inputs and outputs float
+        for op in ("INPUT", "OUTPUT"):
+            recipe.append({"regex": ".*", "operation": op, "algorithm_key": "no_quantize"})
+    return recipe
+
+
+def _unique_names_copy(m: ModelFile, path: Path) -> bool:
+    """Write `m` with tensor names made unique across subgraphs (litert-quantizer keys its
+    statistics by name; exporters, ours included, reuse names in each signature's subgraph).
+    Returns False (writes nothing) when the names are already unique."""
+    seen: set[str] = set()
+    clash = False
+    for sg in m.subgraphs:
+        for t in sg.tensors:
+            clash |= t.name in seen
+            seen.add(t.name)
+    if not clash:
+        return False
+    writer = ModelWriter(m.description)
+    for i in range(1, len(m.buffers)):
+        writer.add_buffer(m.buffer_data(i))
+    seen.clear()
+    for si, sg in enumerate(m.subgraphs):
+        for t in sg.tensors:
+            if t.name in seen:
+                t.name = f"{t.name}@{si}"
+            seen.add(t.name)
+        writer.add_subgraph(sg)
+    for s in m.signatures:
+        writer.add_signature(s)
+    for name, data in m.metadata.items():
+        writer.add_metadata(name, data)
+    writer.write(path)
+    return True
+
+
+def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress) -> dict[str, Any]:
+    if any(getattr(o, f"{k}_bits") is not None for k in ("attention", "feedforward")):
+        raise LlmToolError(
+            "--attention-bits / --feedforward-bits need a converted container (.bin): a graph "
+            "does not say which layer is which",
+            src,
+        )
+    if o.float_source is not None:
+        raise LlmToolError("--float-source applies to containers; quantize the float graph", src)
+    with read_model(src) as m:
+        name = _already_quantized(m)
+        if name is not None:
+            raise LlmToolError(
+                f"constant {name!r} is already quantized; quantizing again would compound "
+                "the error: quantize the float graph instead",
+                src,
+            )
+        decoder = is_decoder_graph(m)
+        signatures = [s.key for s in m.signatures]
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".llmtool-quantize-") as tmp:
+            work = Path(tmp) / "unique.tflite"
+            source = work if _unique_names_copy(m, work) else src
+            progress(0, 3, "planning")
+            per_row: list[str] = []
+            if o.mode == "int4" and o.block_size != 0:
+                block = o.block_size or DEFAULT_BLOCK_SIZE
+                per_row = _per_row_fc_outputs(m, block, o.block_size is not None, src)
+            output_layer = _output_layer_outputs(m) if decoder else []
+            recipe = _recipe(o, decoder, per_row, output_layer)
+            from litert_quantizer import quantizer
+
+            calibration = None
+            with quiet():
+                q = quantizer.Quantizer(str(source), recipe)
+            if o.mode in STATIC_MODES:
+                progress(1, 3, "calibrating")
+                samples = _calibration_samples(source, m, o, decoder)
+                try:
+                    with quiet():
+                        calibration = q.calibrate(samples, num_threads=1)
+                except (ValueError, RuntimeError) as exc:
+                    raise LlmToolError(f"calibration failed ({exc})", o.calibration_data) from None
+            progress(2, 3, "quantizing")
+            try:
+                with quiet():
+                    result = q.quantize(calibration, enable_progress_report=False)
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                raise LlmToolError(f"litert-quantizer failed ({exc})", src) from None
+            tmp_out = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+            try:
+                tmp_out.write_bytes(bytes(result.quantized_model))
+                os.replace(tmp_out, out)
+            finally:
+                tmp_out.unlink(missing_ok=True)
+    progress(3, 3, "done")
+    return {"kind": "graph", "signatures": signatures, "decoder_graph": decoder}
+
+
+# -- calibration data ---------------------------------------------------------------------------
+
+
+def _calibration_samples(
+    path: Path, m: ModelFile, o: QuantizeOptions, decoder: bool
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    data = Path(o.calibration_data)  # type: ignore[arg-type]
+    if data.suffix == ".npz":
+        return _npz_samples(data, m, o.calibration_samples)
+    if not decoder:
+        raise LlmToolError(
+            "text calibration data needs an LLM graph; for this graph give a .npz file with "
+            "one array per input name (samples along the first axis)",
+            data,
+        )
+    try:
+        lines = [x for x in data.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlmToolError(f"cannot read calibration text ({exc})", data) from None
+    if not lines:
+        raise LlmToolError("calibration data has no non-empty line", data)
+    return _decoder_samples(path, m, lines[: o.calibration_samples])
+
+
+def _npz_samples(data: Path, m: ModelFile, limit: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    try:
+        arrays = dict(np.load(data, allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise LlmToolError(f"cannot read calibration arrays ({exc})", data) from None
+    out: dict[str, list[dict[str, np.ndarray]]] = {}
+    for s in m.signatures:
+        missing = [k for k in s.inputs if k not in arrays]
+        if missing:
+            raise LlmToolError(f"no array for input {missing[0]!r} of signature {s.key!r}", data)
+        sg = m.subgraphs[s.subgraph_index]
+        n = min(len(arrays[k]) for k in s.inputs)
+        samples = []
+        for i in range(min(n, limit)):
+            sample = {}
+            for k, idx in s.inputs.items():
+                t = sg.tensors[idx]
+                value = np.asarray(arrays[k][i])
+                if tuple(value.shape) != tuple(t.shape):
+                    value = value.reshape(t.shape) if value.size == np.prod(t.shape) else value
+                if tuple(value.shape) != tuple(t.shape):
+                    raise LlmToolError(
+                        f"array {k!r} sample {i} has shape {list(value.shape)}, the input "
+                        f"needs {list(t.shape)}",
+                        data,
+                    )
+                sample[k] = value.astype(np.float32 if t.dtype == "float32" else t.dtype)
+            samples.append(sample)
+        out[s.key] = samples
+    return out
+
+
+def _decoder_samples(
+    path: Path, m: ModelFile, lines: list[str]
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Prefill samples (each line's first T tokens) and decode samples (the next token with
+    the caches that prefill left), run on the float graph itself."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from llmtool.runtime.engine import MASK_VALUE
+    from llmtool.tokenizer import Tokenizer
+
+    files = keys.unpack_tokenizer(m.metadata)
+    if not files:
+        raise LlmToolError("the graph carries no tokenizer to read text calibration data", path)
+    tok = Tokenizer.from_files(files)
+    prefill = next(s for s in m.signatures if s.key.startswith("prefill"))
+    decode = next(s for s in m.signatures if s.key == "decode")
+    sg = m.subgraphs[prefill.subgraph_index]
+    T = sg.tensors[prefill.inputs["tokens"]].shape[1]
+    S = sg.tensors[prefill.inputs["mask"]].shape[-1]
+    with quiet():
+        interp = Interpreter(model_path=str(path), num_threads=1)
+    run_prefill = interp.get_signature_runner(prefill.key)
+    caches = {
+        k: np.zeros(sg.tensors[i].shape, np.float32)
+        for k, i in prefill.inputs.items()
+        if k.startswith("kv_cache_")
+    }
+    pre, dec = [], []
+    for line in lines:
+        ids = tok.encode(line)[: min(T, S - 1)]
+        n = len(ids)
+        if n < 1:
+            continue
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = ids
+        pos = np.arange(T, dtype=np.int32)
+        mask = np.where(np.arange(S)[None, :] > pos[:, None], MASK_VALUE, np.float32(0))
+        sample = {"tokens": tokens, "input_pos": pos, "mask": mask.reshape(1, 1, T, S), **caches}
+        sample = {k: v for k, v in sample.items() if k in prefill.inputs}
+        pre.append(sample)
+        outputs = run_prefill(**sample)
+        step = {
+            "tokens": np.asarray([[ids[-1]]], np.int32),
+            "input_pos": np.asarray([n], np.int32),
+            "mask": np.where(np.arange(S) > n, MASK_VALUE, np.float32(0)).reshape(1, 1, 1, S),
+        }
+        for k in decode.inputs:
+            if k.startswith("kv_cache_"):
+                step[k] = np.asarray(outputs[k], np.float32)
+        dec.append({k: v for k, v in step.items() if k in decode.inputs})
+    if not pre:
+        raise LlmToolError("calibration text tokenizes to nothing", path)
+    out = {prefill.key: pre, "decode": dec}
+    for s in m.signatures:  # other prefill lengths: calibrate them like the first
+        if s.key not in out:
+            out[s.key] = pre if s.inputs.keys() == prefill.inputs.keys() else dec
+    return out

@@ -1,0 +1,210 @@
+"""`llmtool quantize` on containers and on a non-LLM graph; quality through `evaluate
+--reference` on the trained default model; bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from llmtool.errors import LlmToolError
+from llmtool.formats.container import Container, ContainerWriter, TensorPlan
+from llmtool.formats.tflite_model import ModelWriter, Operator, Signature, Subgraph, Tensor
+from llmtool.pipelines.evaluate import evaluate
+from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
+from llmtool.pipelines.resolve import default_model_path
+
+EXCERPT = Path(__file__).parent / "data" / "heldout_excerpt.txt"  # from a held-out chapter
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of tensor data (with blockwise scales), not counting the file's alignment."""
+    with Container.open(path) as c:
+        return sum(t.nbytes + (c.block_scales(t.name).nbytes if t.block_size else 0) for t in c)
+
+
+def _float_copy(src: Path, out: Path) -> Path:
+    """The container with every tensor dequantized to float32."""
+    with Container.open(src) as c:
+        plan = [TensorPlan(t.name, t.shape, "float32") for t in c]
+        writer = ContainerWriter(out, c.model_type, plan, dict(c.metadata))
+        writer.write(lambda e: np.ascontiguousarray(c.float(e.name)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# containers
+
+
+def test_container_modes(converted, tmp_path):
+    src = converted("LLAMA")  # float32
+    text = tmp_path / "t.txt"
+    text.write_text(EXCERPT.read_text()[:400])
+    size = _weight_bytes(src)
+    expect = {  # mode: (dtype of a layer weight, of the embedding, most bytes vs float32)
+        "dynamic-int8": ("int8", "int8", 0.26),
+        "float16": ("float16", "float16", 0.51),
+        "int4": ("int4", "int8", 0.26),  # the 8-bit embedding is a third of this tiny model
+    }
+    q_name = "params.lm.transformer.x_layers_0.self_attention.q.w"
+    for mode, (layer, embedding, ratio) in expect.items():
+        out = tmp_path / f"{mode}.bin"
+        summary = quantize_model(src, out, QuantizeOptions(mode=mode))
+        assert summary["kind"] == "container"
+        assert _weight_bytes(out) < ratio * size, mode
+        with Container.open(out) as c:
+            assert c.info(q_name).dtype == layer
+            assert c.info("params.lm.token_embedding.w").dtype == embedding
+            assert c.info("params.lm.final_ln.scale").dtype == "float32"
+            if mode == "int4":
+                assert c.info(q_name).block_size == 32
+        # LiteRT runs it (exported on first use) and stays close to the float model
+        r = evaluate(str(out), text, window=32, max_windows=1, reference=str(src))["reference"]
+        assert r["mean_kl"] < {"float16": 1e-5, "dynamic-int8": 0.01, "int4": 0.2}[mode], mode
+        assert r["same_tokenization"] is True
+
+
+def test_requantizing_needs_the_float_source(converted, tmp_path):
+    int8, float32 = converted("LLAMA", "int8"), converted("LLAMA")
+    out = tmp_path / "q4.bin"
+    with pytest.raises(LlmToolError, match="already int8.*--float-source"):
+        quantize_model(int8, out, QuantizeOptions(mode="int4"))
+    assert not out.exists()
+    # same encoding: copied bit for bit, nothing compounds
+    quantize_model(int8, out, QuantizeOptions(mode="dynamic-int8"))
+    with Container.open(out) as a, Container.open(int8) as b:
+        for t in b:
+            np.testing.assert_array_equal(a.raw(t.name), b.raw(t.name))
+    summary = quantize_model(
+        int8, tmp_path / "q4b.bin", QuantizeOptions(mode="int4", float_source=str(float32))
+    )
+    assert summary["from_float_source"] > 0 and summary["copied"] > 0  # norms copied
+    direct = tmp_path / "direct.bin"
+    quantize_model(float32, direct, QuantizeOptions(mode="int4"))
+    assert (tmp_path / "q4b.bin").read_bytes() == direct.read_bytes()
+
+
+def test_default_model_quality(tmp_path):
+    """The trained default model: the shipped int8 file dequantized is the float reference
+    (its float checkpoint is not shipped), so int8 here measures activation quantization."""
+    ref = _float_copy(default_model_path(), tmp_path / "f32.bin")
+    bounds = {"dynamic-int8": (0.005, 0.98), "int4": (0.05, 0.90)}
+    for mode, (max_kl, min_top1) in bounds.items():
+        out = tmp_path / f"{mode}.bin"
+        quantize_model(ref, out, QuantizeOptions(mode=mode))
+        r = evaluate(str(out), EXCERPT, window=256, reference=str(ref))["reference"]
+        assert r["mean_kl"] <= max_kl, (mode, r)
+        assert r["top1_agreement"] >= min_top1, (mode, r)
+
+
+# --------------------------------------------------------------------------------------------
+# any graph: a small conv + dense classifier that llmtool did not export
+
+
+def _small_cnn(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = ModelWriter(description="a small image classifier")
+    conv_w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3
+    conv_b = rng.standard_normal(16).astype(np.float32) * 0.1
+    fc_w = rng.standard_normal((10, 8 * 8 * 16)).astype(np.float32) * 0.05
+    tensors = [
+        Tensor("image", (1, 8, 8, 3), "float32"),
+        Tensor("conv.w", (16, 3, 3, 3), "float32", w.add_buffer(conv_w)),
+        Tensor("conv.b", (16,), "float32", w.add_buffer(conv_b)),
+        Tensor("features", (1, 8, 8, 16), "float32"),
+        Tensor("shape", (2,), "int32", w.add_buffer(np.asarray([1, 1024], np.int32))),
+        Tensor("flat", (1, 1024), "float32"),
+        Tensor("fc.w", (10, 1024), "float32", w.add_buffer(fc_w)),
+        Tensor("scores", (1, 10), "float32"),
+    ]
+    ops = [
+        Operator(
+            "CONV_2D",
+            [0, 1, 2],
+            [3],
+            {"padding": "SAME", "stride_w": 1, "stride_h": 1, "fused_activation_function": "RELU"},
+        ),
+        Operator("RESHAPE", [3, 4], [5]),
+        Operator("FULLY_CONNECTED", [5, 6, -1], [7], {"fused_activation_function": "NONE"}),
+    ]
+    w.add_subgraph(Subgraph("main", tensors, [0], [7], ops))
+    w.add_signature(Signature("serving_default", 0, {"image": 0}, {"scores": 7}))
+    w.write(path, alignment=64)
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    runner = Interpreter(model_path=str(path), num_threads=1).get_signature_runner()
+    return runner(image=x)["scores"]
+
+
+def test_any_graph_every_mode(tmp_path):
+    src = tmp_path / "cnn.tflite"
+    _small_cnn(src)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32)
+    ref = _run(src, x)
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, image=rng.standard_normal((8, 1, 8, 8, 3)).astype(np.float32))
+    size = src.stat().st_size
+    cases = {  # mode: (bytes at most, relative error at most)
+        "dynamic-int8": (0.35 * size, 0.05),
+        "float16": (0.6 * size, 1e-2),
+        "int4": (0.25 * size, 0.25),
+        "full-int8": (0.35 * size, 0.1),
+        "int16x8": (0.35 * size, 0.1),
+    }
+    for mode, (max_bytes, max_err) in cases.items():
+        out = tmp_path / f"{mode}.tflite"
+        static = mode in ("full-int8", "int16x8")
+        options = QuantizeOptions(mode=mode, calibration_data=str(calibration) if static else None)
+        summary = quantize_model(src, out, options)
+        assert summary["kind"] == "graph" and not summary["decoder_graph"]
+        assert out.stat().st_size < max_bytes, mode
+        y = _run(out, x)
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        assert 0 < err < max_err or (mode == "float16" and err < max_err), (mode, err)
+    with pytest.raises(LlmToolError, match="already quantized"):
+        quantize_model(tmp_path / "int4.tflite", tmp_path / "again.tflite")
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input(converted, tmp_path):
+    src = converted("LLAMA")
+    out = tmp_path / "o.bin"
+    not_model = tmp_path / "notes.txt"
+    not_model.write_text("hello")
+    cases = [
+        (src, QuantizeOptions(mode="int3"), "unknown mode"),
+        (src, QuantizeOptions(mode="full-int8"), "--calibration-data"),
+        (not_model, QuantizeOptions(), "not a TFLite model"),
+        (src, QuantizeOptions(mode="int4", block_size=48), "block size must be 32, 64, 128"),
+        (src, QuantizeOptions(mode="dynamic-int8", block_size=32), "--mode int4 only"),
+        (src, QuantizeOptions(mode="int4", block_size=128), "does not divide the row length 64"),
+        (tmp_path / "missing.bin", QuantizeOptions(), "not found"),
+    ]
+    for path, options, needle in cases:
+        with pytest.raises(LlmToolError, match=needle):
+            quantize_model(path, out, options)
+        assert not out.exists() and not list(tmp_path.glob("o.bin*"))
+    # the command line: one line, exit code 2, nothing written
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtool", "quantize", str(not_model), str(out), "--mode", "int4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "notes.txt" in lines[0], r.stderr
+    assert not out.exists()
