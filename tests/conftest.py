@@ -34,6 +34,7 @@ TOKENIZER_STYLE = {
     "PHI_3": "llama",
     "GEMMA2_2B": "spm",
     "GEMMA3_1B": "spm",
+    "GEMMA3_4B": "spm",
     "QWEN3": "chatml",
 }  # everything else: GPT-2-style byte-level BPE with <|endoftext|>
 

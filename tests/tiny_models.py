@@ -32,6 +32,7 @@ NEW_FIXTURES = {
     "GEMMA2_2B": "GEMMA2_2B",  # pre+post norms, both soft-caps active, alternating window
     "GEMMA3_1B": "GEMMA3_1B",  # q/k norms, local/global layers with own rope, linear scaling
     "PHI_3": "PHI_3",  # fused qkv/gate_up, partial rotary, longrope (short factor), window
+    "GEMMA3_4B": "GEMMA3_4B",  # the multimodal wrapper: text_config, language_model.* names
 }
 
 
@@ -48,7 +49,7 @@ NATIVE_FORMAT = {"FALCON_RW_1B": "pytorch"}
 # token's embedding and the model just predicts its input token again; a smaller embedding and
 # larger matrices make the layers decide.
 WEIGHT_STDS = {"GEMMA_2B": (0.03, 0.15), "GEMMA_7B": (0.03, 0.15), "GEMMA2_2B": (0.03, 0.15),
-               "GEMMA3_1B": (0.03, 0.15)}
+               "GEMMA3_1B": (0.03, 0.15), "GEMMA3_4B": (0.03, 0.15)}
 DEFAULT_STDS = (0.08, 0.08)
 BIAS_STD = 0.02
 NORM_STD = 0.1
@@ -68,6 +69,7 @@ _LEGACY_VERSION = {
     "GEMMA2_2B": "4.42.4",
     "GEMMA3_1B": "4.50.0.dev0",
     "PHI_3": "4.40.2",
+    "GEMMA3_4B": "4.50.0.dev0",
 }
 
 
@@ -152,6 +154,15 @@ def _config(model_type: str, vocab_size: int) -> Any:
             sliding_window=SLIDING, attn_logit_softcapping=ATTN_SOFTCAP,
             final_logit_softcapping=FINAL_SOFTCAP, tie_word_embeddings=True,
             pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if model_type == "GEMMA3_4B":
+        # Gemma3ForConditionalGeneration: the 1B text model below plus a one-layer vision tower
+        # and projector, whose tensors the converter skips.
+        text = _config("GEMMA3_1B", vocab_size).to_dict()
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
+                               image_token_index=vocab_size - 1, tie_word_embeddings=True)
     if model_type == "GEMMA3_1B":
         # Layers sliding, sliding, full (pattern 3); global layers scale rotary linearly as
         # Gemma 3 4B+ do; q_dim 128 != hidden 64.
@@ -269,11 +280,13 @@ def _legacy_config(model_type: str, config: dict[str, Any]) -> dict[str, Any]:
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
     cfg["transformers_version"] = _LEGACY_VERSION[model_type]
-    if model_type.startswith("GEMMA"):
+    if model_type in ("GEMMA_2B", "GEMMA_7B"):
         cfg.pop("use_bidirectional_attention", None)  # 5.x-only key
         # The official Gemma configs say "gelu" but mean the tanh approximation; transformers
         # still maps "gelu" to gelu_pytorch_tanh for Gemma (a converter must do the same).
         cfg["hidden_act"] = "gelu"
+    if model_type in NEW_FIXTURES:
+        return _legacy_new_config(model_type, cfg, rope)
     if model_type == "FALCON_RW_1B":
         # RefinedWeb key: `n_embed` is still read as hidden_size. (`n_layer`/`n_head` are not
         # read by transformers 5.x any more, so the current names stay.) The real config has no
@@ -291,6 +304,51 @@ def _legacy_config(model_type: str, config: dict[str, Any]) -> dict[str, Any]:
             cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
         cfg["rope_scaling"] = None
     return dict(sorted(cfg.items()))
+
+
+def _legacy_rope(cfg: dict[str, Any], rope: dict[str, Any]) -> None:
+    """rope_parameters -> rope_theta (+ partial_rotary_factor) and rope_scaling."""
+    rope = dict(rope)
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type", "default")
+    rope.pop("type", None)
+    cfg["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
+
+
+def _legacy_new_config(name: str, cfg: dict[str, Any], rope: Any) -> dict[str, Any]:
+    """The newer families' config.json as transformers 4.x wrote it: no layer_types, rope as
+    rope_theta + rope_scaling (+ Gemma 3's rope_local_base_freq and sliding_window_pattern,
+    Phi-3's "type": "longrope"); a multimodal Gemma 3 lists only non-default text keys."""
+    import transformers as tf
+
+    text = cfg.get("text_config")
+    inner = dict(text) if isinstance(text, dict) else cfg
+    if isinstance(text, dict):
+        rope = inner.pop("rope_parameters", None)
+    inner.pop("layer_types", None)
+    inner.pop("use_bidirectional_attention", None)
+    if isinstance(text, dict):
+        inner.pop("dtype", None)
+    if name.startswith("GEMMA3"):
+        inner.pop("_sliding_window_pattern", None)
+        inner["sliding_window_pattern"] = 3
+        inner["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        _legacy_rope(inner, rope["full_attention"])
+    else:
+        _legacy_rope(inner, rope)
+    if name == "PHI_3":
+        scaling = inner["rope_scaling"]
+        inner["rope_scaling"] = {"type": "longrope", "short_factor": scaling["short_factor"],
+                                 "long_factor": scaling["long_factor"]}
+    if isinstance(text, dict):
+        defaults = tf.Gemma3TextConfig().to_dict()
+        keep = {"model_type", "rope_scaling"}
+        cfg["text_config"] = {k: v for k, v in sorted(inner.items())
+                              if k in keep or defaults.get(k, object()) != v}
+        return dict(sorted(cfg.items()))
+    return dict(sorted(inner.items()))
 
 
 @contextlib.contextmanager
