@@ -59,6 +59,17 @@ def conv1d_qkv(x: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
 TRANSPOSED: tuple[Transform, ...] = (conv1d, conv1d_qkv)
 
 
+def lora_rows(transform: Transform | None, b: np.ndarray, spec: ModelSpec) -> list[np.ndarray]:
+    """A PEFT lora_B [out, r] split into the rule's roles like the weight's rows. lora_B is
+    [out, r] even where the checkpoint stores the weight [in, out] (Conv1D, fan_in_fan_out),
+    so only the row split of those transforms applies."""
+    if transform is None or transform is conv1d:
+        return [np.ascontiguousarray(b)]
+    if transform is conv1d_qkv:
+        return split_qkv(b, spec)
+    return transform(b, spec)
+
+
 @dataclass(frozen=True)
 class TensorRule:
     """One Hugging Face tensor (name template with {i}) and the role(s) it provides."""
@@ -276,7 +287,10 @@ class Architecture:
     embedding_scale_sqrt_hidden: bool = False
     optional_prefixes: tuple[str, ...] = ()  # HF names may lack this prefix (old GPT-2 files)
     ignored: tuple[str, ...] = ()  # substrings of HF tensors that carry no weights (buffers)
-    lora_targets: dict[str, str] = field(default_factory=dict)  # PEFT module -> role
+    # PEFT module names (last component) that may carry a LoRA adapter; which roles each one
+    # feeds comes from the rules (GPT-2's c_proj is the attention output in `attn.c_proj` and
+    # the MLP's down projection in `mlp.c_proj`). PEFT's "all-linear" is all of them.
+    lora_targets: tuple[str, ...] = ()
     activation_overrides: dict[str, str] = field(default_factory=dict)
     # config.json values the family's transformers config class fills in when a file omits
     # them (Gemma 3's multimodal configs list only what differs from these).
@@ -616,6 +630,8 @@ def _gpt2_facts(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+LLAMA_STYLE_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _GEMMA = dict(
     hf_model_types=("gemma",),
     rules=LLAMA_STYLE_RULES,
@@ -628,7 +644,7 @@ _GEMMA = dict(
     gated_mlp=True,
     embedding_scale_sqrt_hidden=True,
     facts=_gemma_facts,
-    lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+    lora_targets=LLAMA_STYLE_LORA,
     ignored=("rotary_emb.inv_freq",),
 )
 
@@ -638,7 +654,7 @@ _LLAMA_FAMILY = dict(
     activation_keys=("hidden_act",),
     default_activation="silu",
     gated_mlp=True,
-    lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+    lora_targets=LLAMA_STYLE_LORA,
     ignored=("rotary_emb.inv_freq",),
 )
 
@@ -712,7 +728,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             default_activation="gelu_new",
             gated_mlp=False,
             facts=_phi_facts,
-            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "dense": "o"},
+            lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
             ignored=("rotary_emb.inv_freq",),
         ),
         Architecture(
@@ -725,6 +741,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             default_activation="gelu",
             gated_mlp=False,
             facts=_falcon_facts,
+            lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         ),
         Architecture(
             "STABLELM_4E1T_3B",
@@ -736,7 +753,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             default_activation="silu",
             gated_mlp=True,
             facts=_stablelm_facts,
-            lora_targets={"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"},
+            lora_targets=LLAMA_STYLE_LORA,
             ignored=("rotary_emb.inv_freq",),
         ),
         Architecture(
@@ -751,6 +768,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             facts=_gpt2_facts,
             optional_prefixes=("transformer.",),
             ignored=(".attn.bias", ".attn.masked_bias", "lm_head.weight"),
+            lora_targets=("c_attn", "c_proj", "c_fc"),
         ),
         Architecture(
             "LLAMA",

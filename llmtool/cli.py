@@ -174,6 +174,17 @@ def convert(
             "row. Default 32 where it divides the row, else one per row."
         ),
     ] = None,
+    lora_ckpt: Annotated[
+        str | None,
+        typer.Option(help="Also convert this PEFT LoRA adapter (folder or .safetensors)."),
+    ] = None,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(help="The adapter's rank (checked; required without adapter_config.json)."),
+    ] = None,
+    lora_output_tflite_file: Annotated[
+        str | None, typer.Option(help="The LoRA file to write with --lora-ckpt.")
+    ] = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -193,6 +204,81 @@ def convert(
         f"{summary['tensors']} tensors) in {summary['seconds']:.1f} s",
         highlight=False,
     )
+    if "lora" in summary:
+        _print_lora(summary["lora"])
+
+
+def _print_lora(summary: dict[str, Any]) -> None:
+    out.print(
+        f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, LoRA "
+        f"rank {summary['rank']} on {', '.join(summary['modules'])}, scale "
+        f"{_scale_text(summary['scale'])})",
+        highlight=False,
+    )
+
+
+def _scale_text(scale: float | dict[str, float]) -> str:
+    if isinstance(scale, dict):
+        return "per module " + ", ".join(f"{v:g}" for v in sorted(set(scale.values())))
+    return f"{scale:g}"
+
+
+# ------------------------------------------------------------------------------------------
+# lora-convert
+
+
+@app.command("lora-convert")
+@friendly_errors
+def lora_convert(
+    lora_ckpt: Annotated[
+        str | None,
+        typer.Option(help="PEFT adapter folder (adapter_config.json + adapter_model.*) or file."),
+    ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="The converted base model (.bin) the adapter is for "
+            "(default: output_tflite_file of --config)."
+        ),
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Target processor: cpu or gpu.")] = None,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(help="The adapter's rank (checked; required without adapter_config.json)."),
+    ] = None,
+    lora_output_tflite_file: Annotated[
+        str | None, typer.Option(help="The LoRA file to write.")
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert a PEFT LoRA adapter for a converted model (run it with run --lora-path)."""
+    from llmtool.config import ConversionConfig, merge_config
+    from llmtool.errors import LlmToolError
+    from llmtool.pipelines.lora_convert import lora_convert as run_lora_convert
+
+    flags = {
+        "lora_ckpt": lora_ckpt,
+        "backend": backend,
+        "lora_rank": lora_rank,
+        "lora_output_tflite_file": lora_output_tflite_file,
+    }
+    cfg = merge_config(ConversionConfig, config, flags)
+    base = base_model or cfg.output_tflite_file
+    if not cfg.lora_ckpt:
+        raise LlmToolError("no adapter: give --lora-ckpt")
+    if not base:
+        raise LlmToolError("no base model: give --base-model (a converted .bin)")
+    if not cfg.lora_output_tflite_file:
+        raise LlmToolError("no output file: give --lora-output-tflite-file")
+    with ProgressBar("converting LoRA", enabled=not json_out) as bar:
+        summary = run_lora_convert(
+            cfg.lora_ckpt, base, cfg.lora_output_tflite_file, cfg.lora_rank, cfg.backend, bar
+        )
+    if json_out:
+        print_json(summary)
+        return
+    _print_lora(summary)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,7 +309,15 @@ def inspect(
         print_json(info)
         return
     out.print(f"[bold]{info['file']}[/]  {human_bytes(info['file_bytes'])}")
-    keys_shown = ("kind", "model_type", "backend", "parameters", "quant_bits", "int4_block_sizes")
+    keys_shown = (
+        "kind",
+        "model_type",
+        "backend",
+        "parameters",
+        "quant_bits",
+        "int4_block_sizes",
+        "lora",
+    )
     for key in (*keys_shown, "metadata"):
         if info.get(key) is not None:
             out.print(f"  {key}: {info[key]}", highlight=False)
@@ -297,9 +391,23 @@ def export(
             "'none'. Default: 256, 512, ... below the cache length."
         ),
     ] = None,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            help="Give the graph LoRA inputs of this rank (0: none; LiteRT-LM takes 16 or 32)."
+        ),
+    ] = 0,
+    lora_targets: Annotated[
+        str,
+        typer.Option(
+            help="Projections with LoRA inputs: 'attention' (q,k,v,o; LiteRT-LM's), 'all', "
+            "or a list such as q,v."
+        ),
+    ] = "attention",
     json_out: JsonOpt = False,
 ) -> None:
     """Export a converted model as a TFLite graph with prefill/decode signatures."""
+    from llmtool.formats.lora_file import ATTENTION_ROLES, LORA_ROLES
     from llmtool.pipelines.export import ExportOptions, export_graph
 
     buckets: tuple[int, ...] | None = None
@@ -309,7 +417,9 @@ def export(
             buckets = () if text == "none" else tuple(int(x) for x in text.split(",") if x.strip())
         except ValueError:
             raise LlmToolError(f"--kv-buckets: not a list of integers ({kv_buckets!r})") from None
-    options = ExportOptions(max_seq_len, prefill_len, buckets)
+    named = {"attention": ATTENTION_ROLES, "all": LORA_ROLES}
+    targets = named.get(lora_targets) or tuple(t.strip() for t in lora_targets.split(","))
+    options = ExportOptions(max_seq_len, prefill_len, buckets, lora_rank, tuple(targets))
     with ProgressBar("exporting", enabled=not json_out) as bar:
         summary = export_graph(model, output, options, bar)
     if json_out:
@@ -487,6 +597,9 @@ def run(
         Path | None,
         typer.Option(help="Word list file: refuse a prompt, or stop the output, containing one."),
     ] = None,
+    lora_path: Annotated[
+        Path | None, typer.Option(help="LoRA file (llmtool lora-convert) applied to the model.")
+    ] = None,
     stream: Annotated[
         bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")
     ] = True,
@@ -519,6 +632,7 @@ def run(
         context_window=context_window,
         num_threads=num_threads,
         safety_filter=SafetyFilter.from_file(safety_filter).words if safety_filter else [],
+        lora_path=str(lora_path) if lora_path else None,
     )
     streaming = stream and not json_out
 

@@ -79,6 +79,10 @@ class ConversionConfig:
                 raise LlmToolError("no checkpoint: give --input-ckpt")
             if not self.model_type:
                 raise LlmToolError("no model type: give --model-type")
+        if self.lora_ckpt and not self.lora_output_tflite_file:
+            raise LlmToolError("--lora-ckpt needs --lora-output-tflite-file")
+        if not self.lora_ckpt and (self.lora_output_tflite_file or self.lora_rank is not None):
+            raise LlmToolError("--lora-rank / --lora-output-tflite-file need --lora-ckpt")
         self.bits()
         check_block_size_option(self.block_size, self.is_symmetric)
 

@@ -15,6 +15,11 @@ every signature) but attend over cache positions [0, L) only, with a `mask` of [
 runtime uses the smallest bucket that holds its positions. (Names start with neither `decode`
 nor `prefill`, so LiteRT-LM, which picks signatures by those names, ignores them.)
 
+With a LoRA rank R > 0, the adapted projections (roles in `lora_targets`) also take the
+LiteRT-LM LoRA inputs `lora_atten_q_a_prime_weight_<i>` [in, R] / `..._b_prime_weight_<i>`
+[R, out] (formats/lora_file.py) and add (x A') B' to their output: switching adapters writes
+those inputs, never the base weights.
+
 Everything model-specific comes from the ModelSpec: the builder below only asks it questions.
 `pipelines/export.py` drives it (options, files, progress); `build_graph` is the whole entry.
 """
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.formats.container import Container
+from llmtool.formats.lora_file import lora_input_name
 from llmtool.formats.tflite_model import (
     ModelWriter,
     Operator,
@@ -300,9 +306,13 @@ class _Subgraph:
 class _Decoder:
     """The generic decoder: every architecture is this graph with other ModelSpec values."""
 
-    def __init__(self, spec: ModelSpec, seq_len: int):
+    def __init__(
+        self, spec: ModelSpec, seq_len: int, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()
+    ):
         self.spec = spec
         self.S = seq_len
+        self.lora_rank = lora_rank
+        self.lora_targets = frozenset(lora_targets) if lora_rank else frozenset()
 
     # -- constants derived from the spec ----------------------------------------------------
 
@@ -400,9 +410,22 @@ class _Decoder:
         weights = [role_name(r + ".w", layer) for r in roles]
         biases = [role_name(r + ".b", layer) for r in roles] if bias else None
         y = g.fc(x, weights, biases)
-        if len(roles) == 1:
-            return [y]
-        return g.split_last(y, [role_shape(self.spec, r + ".w")[0] for r in roles])
+        outs = [y]
+        if len(roles) > 1:
+            outs = g.split_last(y, [role_shape(self.spec, r + ".w")[0] for r in roles])
+        if layer is None or not self.lora_targets.intersection(roles):
+            return outs
+        return [
+            self.lora(g, x, y, role, layer) if role in self.lora_targets else y
+            for role, y in zip(roles, outs, strict=True)
+        ]
+
+    def lora(self, g: _Subgraph, x: int, y: int, role: str, layer: int) -> int:
+        """y + (x A') B' with A' [in, R] and B' [R, out] taken as signature inputs."""
+        out_dim, in_dim = role_shape(self.spec, role + ".w")
+        a = g.input(lora_input_name(role, "a", layer), (in_dim, self.lora_rank))
+        b = g.input(lora_input_name(role, "b", layer), (self.lora_rank, out_dim))
+        return g.add(y, g.batch_matmul(g.batch_matmul(x, a, adj_y=False), b, adj_y=False))
 
     def activation(self, g: _Subgraph, x: int) -> int:
         act = self.spec.activation
@@ -675,11 +698,14 @@ def build_graph(
     signatures: list[tuple[str, int, int]],
     seq_len: int,
     progress: Callable[[int, int, str], None],
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] = (),
 ) -> None:
     """Add one subgraph + signature per (name, tokens per call, attended cache length) to
-    `writer`; weight buffers are shared by all of them."""
+    `writer`; weight buffers are shared by all of them. lora_rank > 0 adds LoRA inputs to the
+    `lora_targets` roles."""
     weights = _Weights(container, writer)
-    decoder = _Decoder(spec, seq_len)
+    decoder = _Decoder(spec, seq_len, lora_rank, lora_targets)
     for i, (key, length, kv_len) in enumerate(signatures):
         progress(i, len(signatures) + 1, f"building {key}")
         g = _Subgraph(weights)

@@ -10,6 +10,7 @@ TOKENIZER_PREFIX = "llmtool.tokenizer/"  # + tokenizer.json, tokenizer_config.js
 MODEL_SPEC = "llmtool.model_spec"  # JSON ModelSpec: what the generic decoder needs
 CONVERSION = "llmtool.conversion"  # JSON: source, quantization settings, tool version
 GRAPH = "llmtool.graph"  # JSON: export settings of a graph (prefill length, cache length)
+BASE_IDENTITY = "llmtool.base_identity"  # graphs: hex digest naming the base model (LoRA check)
 
 
 def pack_tokenizer(files: dict[str, bytes]) -> dict[str, bytes]:

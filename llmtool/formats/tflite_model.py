@@ -675,6 +675,10 @@ class ModelFile:
     metadata: dict[str, bytes]
     buffers: list[BufferInfo]
     _data: np.ndarray | None = field(default=None, repr=False)
+    # Every metadata entry's raw buffer index: some writers store a number there instead of a
+    # buffer (LiteRT-LM's `lora_rank`); entries whose index is no buffer are left out of
+    # `metadata`.
+    metadata_index: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_graph(self) -> bool:
@@ -800,11 +804,13 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
                     outputs={_str(m.name): int(m.tensorIndex) for m in s.outputs or []},
                 )
             )
-        metadata = {}
+        metadata, metadata_index = {}, {}
         for i in range(model.MetadataLength()):
             m = model.Metadata(i)
-            b = buffers[m.Buffer()]
-            metadata[_str(m.Name())] = bytes(data[b.offset : b.offset + b.size])
+            metadata_index[_str(m.Name())] = int(m.Buffer())
+            if m.Buffer() < len(buffers):
+                b = buffers[m.Buffer()]
+                metadata[_str(m.Name())] = bytes(data[b.offset : b.offset + b.size])
         description = _str(model.Description())
         version = int(model.Version())
     except LlmToolError:
@@ -820,6 +826,7 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
         subgraphs=subgraphs,
         signatures=signatures,
         metadata=metadata,
+        metadata_index=metadata_index,
         buffers=buffers,
         _data=data,
     )

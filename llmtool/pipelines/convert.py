@@ -70,8 +70,24 @@ def storage_plan(
 
 
 def convert(config: ConversionConfig, progress: Progress = _no_progress) -> dict[str, Any]:
-    """Run one conversion; returns a JSON-able summary."""
+    """Run one conversion; returns a JSON-able summary. With `lora_ckpt`, the LoRA adapter is
+    converted too, for the model just written (as the reference writes both files)."""
     config.validate()
+    summary = _convert_base(config, progress)
+    if config.lora_ckpt:
+        from llmtool.pipelines.lora_convert import lora_convert
+
+        summary["lora"] = lora_convert(
+            config.lora_ckpt,
+            summary["output"],
+            config.lora_output_tflite_file,  # type: ignore[arg-type]
+            config.lora_rank,
+            config.backend,
+        )
+    return summary
+
+
+def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any]:
     start = time.perf_counter()
     if config.combine_file_only:
         summary = combine_output_dir(

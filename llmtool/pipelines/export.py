@@ -21,6 +21,7 @@ from llmtool.decoder import build_graph
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
+from llmtool.formats.lora_file import LORA_ROLES, base_identity
 from llmtool.formats.tflite_model import ModelWriter
 from llmtool.pipelines.resolve import DEFAULT_MAX_SEQ_LEN
 from llmtool.spec import ModelSpec
@@ -34,6 +35,8 @@ class ExportOptions:
     max_seq_len: int | None = None
     prefill_len: int = 64  # tokens per prefill call
     kv_buckets: tuple[int, ...] | None = None  # attended lengths L < S; None: default_buckets
+    lora_rank: int = 0  # > 0: LoRA inputs of this rank on the lora_targets projections
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # roles (formats/lora_file.LORA_ROLES)
 
 
 def default_buckets(seq_len: int) -> tuple[int, ...]:
@@ -77,16 +80,20 @@ def export_graph(
         T = max(1, min(options.prefill_len, S))
         buckets = default_buckets(S) if options.kv_buckets is None else options.kv_buckets
         signatures = plan_signatures(S, T, buckets)
+        rank, targets = options.lora_rank, _lora_targets(spec, options)
         writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
-        build_graph(c, spec, writer, signatures, S, report)
+        build_graph(c, spec, writer, signatures, S, report, rank, targets)
         for name, data in sorted(c.metadata.items()):
             writer.add_metadata(name, data)
+        writer.add_metadata(keys.BASE_IDENTITY, base_identity(c).encode())
         graph_info = {
             "prefill_len": T,
             "max_seq_len": S,
             "kv_buckets": sorted({L for _, _, L in signatures if L < S}),
             "signatures": [k for k, _, _ in signatures],
         }
+        if rank:
+            graph_info |= {"lora_rank": rank, "lora_targets": list(targets)}
         writer.add_metadata(keys.GRAPH, json.dumps(graph_info, sort_keys=True).encode())
         report(len(signatures), len(signatures) + 1, "writing")
         output = Path(output_path)
@@ -99,3 +106,17 @@ def export_graph(
         "model_type": spec.model_type,
         **graph_info,
     }
+
+
+def _lora_targets(spec: ModelSpec, options: ExportOptions) -> tuple[str, ...]:
+    """The LoRA roles in decoder order; `gate` only exists in gated MLPs."""
+    if options.lora_rank < 0:
+        raise LlmToolError(f"LoRA rank must be positive (got {options.lora_rank})")
+    if not options.lora_rank:
+        return ()
+    unknown = sorted(set(options.lora_targets) - set(LORA_ROLES))
+    if unknown or not options.lora_targets:
+        raise LlmToolError(f"unknown LoRA targets {unknown} (use some of {', '.join(LORA_ROLES)})")
+    return tuple(
+        r for r in LORA_ROLES if r in options.lora_targets and (r != "gate" or spec.gated_mlp)
+    )

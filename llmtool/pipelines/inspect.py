@@ -11,6 +11,7 @@ import numpy as np
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
+from llmtool.formats.lora_file import LORA_INFO
 from llmtool.formats.tflite_model import ModelFile, read_model, read_model_at
 from llmtool.spec import ModelSpec
 from llmtool.tokenizer import Tokenizer
@@ -140,4 +141,10 @@ def describe(path: Path) -> dict[str, Any]:
                 for t in c
             ],
         }
+        if LORA_INFO in meta:  # a LoRA file (llmtool lora-convert)
+            lora = json.loads(meta[LORA_INFO])
+            info["model_type"], info["backend"] = lora["model_type"], lora["backend"]
+            info["lora"] = {
+                k: lora[k] for k in ("rank", "stored_rank", "alpha", "scale", "modules")
+            } | {"base": f"{lora['base_file']} ({lora['base_identity'][:12]})"}
     return info

@@ -89,8 +89,16 @@ def graph_seq_len(max_positions: int, max_tokens: int) -> int:
     return min(max_positions, max_tokens)
 
 
-def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path, Tokenizer]:
-    """The graph to run for a model file, exporting (and caching) containers as needed."""
+def resolve_graph(
+    model_path: str | Path | None,
+    max_tokens: int,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] = (),
+) -> tuple[Path, Tokenizer]:
+    """The graph to run for a model file, exporting (and caching) containers as needed.
+
+    lora_rank > 0: a container is exported with LoRA inputs of that rank on `lora_targets`
+    (cached beside the plain graph); an exported graph is used as it is."""
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_file():
         raise LlmToolError("model file not found", path)
@@ -112,13 +120,16 @@ def resolve_graph(model_path: str | Path | None, max_tokens: int) -> tuple[Path,
         raise LlmToolError("the model's llmtool.model_spec is unreadable", path) from None
     seq_len = graph_seq_len(max_positions, max_tokens)
     key = f"{remembered_digest(path)}|{seq_len}|{__version__}"
+    lora = {"lora_rank": lora_rank, "lora_targets": tuple(lora_targets)} if lora_rank else {}
+    if lora:
+        key += f"|lora {lora_rank} {','.join(lora_targets)}"
     cached = cache_dir() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.tflite"
     if not cached.is_file():
         # Imported here: a run of an exported or cached graph never loads the exporter.
         from llmtool.pipelines.export import ExportOptions, export_graph
 
         cached.parent.mkdir(parents=True, exist_ok=True)
-        export_graph(path, cached, ExportOptions(max_seq_len=seq_len))
+        export_graph(path, cached, ExportOptions(max_seq_len=seq_len, **lora))
     return cached, tokenizer
 
 

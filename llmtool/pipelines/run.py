@@ -3,6 +3,11 @@
 `LlmInference` is the reference LLM Inference API: `create_from_options(options)` resolves the
 model file (a converted .bin, an exported .tflite, or the embedded default model) into a graph
 through pipelines/resolve.py, then generates with the runtime's `InferenceSession`.
+
+LoRA: with `options.lora_path`, a converted model is exported with LoRA inputs sized for that
+adapter; `set_lora(path_or_None)` then switches adapters by writing those inputs only. An
+adapter of larger rank, or on more projections, than the graph takes makes it re-export the
+model once with room for both (an exported graph or bundle cannot be, and says so).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtool.errors import LlmToolError
+from llmtool.formats.lora_file import LORA_ROLES, LoraFile
+from llmtool.formats.tflite_model import read_model
 from llmtool.pipelines.resolve import PromptTemplate, bundle_kind, resolve_bundle, resolve_graph
 from llmtool.runtime.inference import (
     DEFAULT_MAX_TOKENS,
@@ -18,6 +25,7 @@ from llmtool.runtime.inference import (
     LlmInferenceOptions,
     Prompt,
     ResultListener,
+    open_engine,
 )
 
 
@@ -35,7 +43,13 @@ class LlmInference(InferenceSession):
             llm = cls.from_graph(graph_path, tokenizer, options)
             llm.template = template  # type: ignore[attr-defined]
             return llm  # type: ignore[return-value]
-        graph_path, tokenizer = resolve_graph(path, options.max_tokens or DEFAULT_MAX_TOKENS)
+        rank, targets = 0, ()
+        if options.lora_path is not None:
+            with LoraFile(options.lora_path) as lora:
+                rank, targets = lora.info.stored_rank, lora.targets
+        graph_path, tokenizer = resolve_graph(
+            path, options.max_tokens or DEFAULT_MAX_TOKENS, rank, targets
+        )
         return cls.from_graph(graph_path, tokenizer, options)  # type: ignore[return-value]
 
     def prompt_ids(
@@ -54,6 +68,43 @@ class LlmInference(InferenceSession):
     @classmethod
     def create_from_model_file(cls, model_path: str) -> LlmInference:
         return cls.create_from_options(LlmInferenceOptions(model_path=model_path))
+
+    def set_lora(self, lora_path: str | Path | None) -> None:
+        """Switch to this LoRA file (None: the base model) without touching the base weights;
+        re-exports a converted model once if the graph cannot hold the adapter."""
+        if lora_path is not None:
+            with LoraFile(lora_path) as lora:
+                lora.check_base(self.base_identity, self.model_type, self.graph_path)
+                if not self.lora_fits(lora) and self._exportable():
+                    self._reopen_for(lora)
+        super().set_lora(lora_path)
+
+    def _exportable(self) -> bool:
+        """True when the model is a converted container (so it can be exported again)."""
+        model = self.options.model_path
+        if model is None:
+            return True
+        path = Path(model)
+        if bundle_kind(path):
+            return False
+        try:
+            with read_model(path) as m:
+                return not m.is_graph
+        except LlmToolError:
+            return False
+
+    def _reopen_for(self, lora: LoraFile) -> None:
+        """Open the model's graph with LoRA inputs for both the current and the new adapter's
+        ranks and targets (exported once, then cached like any graph)."""
+        rank = max(self.engine.lora_rank, lora.info.stored_rank)
+        wanted = set(self.engine.lora_targets) | set(lora.targets)
+        targets = tuple(r for r in LORA_ROLES if r in wanted)
+        max_tokens = self.options.max_tokens or DEFAULT_MAX_TOKENS
+        graph_path, _ = resolve_graph(self.options.model_path, max_tokens, rank, targets)
+        engine = open_engine(graph_path, self.options.num_threads)
+        with self._lock:
+            self.engine.close()
+            self.engine, self.graph_path = engine, graph_path
 
 
 def run(

@@ -37,6 +37,7 @@ from llmtool.runtime.engine import (
     STEP_INPUTS,
     EngineBase,
     discover_signatures,
+    lora_inputs,
     native_stderr_captured,
 )
 
@@ -202,14 +203,26 @@ class CompiledEngine(EngineBase):
         create_in = model.create_input_buffer_by_name
         hold = self._native.hold
         self._caches = hold({n: create_in("decode", n) for n in self.cache_names})
+        shapes = {
+            key: {n: d["shape"] for n, d in model.get_input_tensor_details(key).items()}
+            for key in self._lengths
+        }
+        self.lora_shapes = lora_inputs(self.path, shapes)
+        # One buffer per LoRA input, bound in every signature: a switch writes each once.
+        self._lora = hold({n: create_in("decode", n) for n in self.lora_shapes})
         self._sigs: dict[str, _Signature] = {}
         for key, length in self._lengths.items():
             ins = hold({n: create_in(key, n) for n in STEP_INPUTS})
             outs = hold({"logits": model.create_output_buffer_by_name(key, "logits")})
             ins.update(self._caches)  # the same buffers in and out: updated in place
+            ins.update(self._lora)
             outs.update(self._caches)
             self._sigs[key] = _Signature(key, length, ins, outs)
         self._clear_garbage()
+        self.set_lora_inputs(None)
+
+    def _write_lora(self, name: str, value: np.ndarray) -> None:
+        self._lora[name].write(value)
 
     def _clear_garbage(self) -> None:
         """Zero the caches unless they already are.

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmtool.errors import LlmToolError
+from llmtool.formats.lora_file import LORA_ROLES, graph_lora_rank, parse_lora_name
 
 MASK_VALUE = np.float32(-1e9)
 
@@ -113,6 +114,23 @@ def discover_signatures(
     return lengths, cache_names
 
 
+def lora_inputs(
+    path: Path, shapes: dict[str, dict[str, tuple[int, ...]]]
+) -> dict[str, tuple[int, ...]]:
+    """The LoRA inputs (name -> shape) every runnable signature takes (`shapes`: signature
+    key -> its input shapes); empty for a graph without adapters."""
+    found = {
+        key: {n: tuple(map(int, s)) for n, s in ins.items() if parse_lora_name(n)}
+        for key, ins in shapes.items()
+    }
+    first = found["decode"]
+    for key, names in found.items():
+        if names != first:
+            raise LlmToolError(f"signatures decode and {key} take different LoRA inputs", path)
+    graph_lora_rank(first)  # raises when the inputs disagree on the rank
+    return first
+
+
 class EngineBase:
     """Prefill chunking and decoding over a graph's `prefill_<T>` / `decode` signatures.
 
@@ -131,6 +149,39 @@ class EngineBase:
     max_seq_len: int
     pos: int
     _lengths: dict[str, int]
+    lora_shapes: dict[str, tuple[int, ...]] = {}  # LoRA input name -> shape (none: no LoRA)
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the graph's LoRA inputs (0: the graph takes no adapter)."""
+        return graph_lora_rank(self.lora_shapes)
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """The roles (q, k, v, o, gate, up, down) whose projections take an adapter."""
+        roles = {p[0] for n in self.lora_shapes if (p := parse_lora_name(n))}
+        return tuple(r for r in LORA_ROLES if r in roles)
+
+    def set_lora_inputs(self, arrays: dict[str, np.ndarray] | None) -> None:
+        """Write the adapter's tensors into the LoRA inputs; missing ones (and all, for None)
+        become zeros, which is the base model. Base weights are never touched."""
+        arrays = arrays or {}
+        unknown = sorted(set(arrays) - set(self.lora_shapes))
+        if unknown:
+            raise LlmToolError(f"the graph has no LoRA input {unknown[0]!r}", self.path)
+        for name, shape in self.lora_shapes.items():
+            value = arrays.get(name)
+            if value is None:
+                value = np.zeros(shape, np.float32)
+            elif tuple(value.shape) != shape:
+                raise LlmToolError(
+                    f"LoRA tensor {name!r} is {list(value.shape)}, the graph takes {list(shape)}",
+                    self.path,
+                )
+            self._write_lora(name, np.ascontiguousarray(value, np.float32))
+
+    def _write_lora(self, name: str, value: np.ndarray) -> None:
+        raise NotImplementedError
 
     def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
         raise NotImplementedError
@@ -256,6 +307,10 @@ class Engine(EngineBase):
             sub = self._wrapper.GetSubgraphIndexFromSignature(key)
             self._sigs[key] = _Signature(key, length, sub, ins, outs)
         details = io["decode"][0]
+        self.lora_shapes = lora_inputs(
+            self.path,
+            {k: {n: d["shape"] for n, d in io[k][0].items()} for k in self._lengths},
+        )
         self.cache_shapes = {n: tuple(details[n]["shape"]) for n in self.cache_names}
         self.max_seq_len = int(self.cache_shapes["kv_cache_k_0"][2])
         self.vocab_size = int(io["decode"][1]["logits"]["shape"][-1])
@@ -264,6 +319,11 @@ class Engine(EngineBase):
                 self._wrapper.AllocateTensors(sig.subgraph)
         self._holder: str | None = None  # which signature's input tensors hold the cache
         self.pos = 0
+        self.set_lora_inputs(None)
+
+    def _write_lora(self, name: str, value: np.ndarray) -> None:
+        for sig in self._sigs.values():  # each signature has its own input tensors
+            self._view(sig, name)[...] = value
 
     def reset(self) -> None:
         """Forget the conversation (the cache is zeroed lazily on next use)."""

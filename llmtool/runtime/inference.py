@@ -8,6 +8,7 @@ into a graph: the runtime itself never exports or reads checkpoints.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import threading
 import time
@@ -21,6 +22,9 @@ import numpy as np
 
 from llmtool.chat_template import chat_messages
 from llmtool.errors import LlmToolError
+from llmtool.formats import metadata as keys
+from llmtool.formats.lora_file import LoraFile
+from llmtool.formats.tflite_model import read_model
 from llmtool.runtime.engine import Engine, EngineBase
 from llmtool.runtime.sampler import Sampler, validate_sampling
 from llmtool.tokenizer import Tokenizer
@@ -40,7 +44,7 @@ class LlmInferenceOptions:
     top_k: int = 40
     temperature: float = 0.8
     random_seed: int = 0
-    lora_path: str | None = None
+    lora_path: str | None = None  # a LoRA file (llmtool lora-convert); see set_lora()
     result_listener: ResultListener | None = None
     error_listener: ErrorListener | None = None
     context_window: int | None = None  # prompt tokens kept; default max_tokens // 2
@@ -51,8 +55,6 @@ class LlmInferenceOptions:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise LlmToolError(f"max tokens must be at least 2 (got {self.max_tokens})")
         validate_sampling(self.top_k, self.temperature)
-        if self.lora_path is not None:
-            raise LlmToolError("LoRA weights are not supported by this version yet", self.lora_path)
 
 
 @dataclass
@@ -139,6 +141,12 @@ class InferenceSession:
         self.graph_path = graph_path
         self.safety = SafetyFilter(options.safety_filter)
         self._lock = threading.Lock()
+        self.lora_path: Path | None = None  # the adapter in use (None: the base model)
+        with read_model(graph_path) as model:
+            identity = model.metadata.get(keys.BASE_IDENTITY)
+            spec = model.metadata.get(keys.MODEL_SPEC)
+        self.base_identity = identity.decode() if identity else None
+        self.model_type = json.loads(spec).get("model_type") if spec else None
 
     @classmethod
     def from_graph(
@@ -165,7 +173,57 @@ class InferenceSession:
                 f"context window must be between 1 and max tokens - 1 ({max_tokens - 1}), "
                 f"got {window}"
             )
-        return cls(options, engine, tokenizer, graph_path, max_tokens)
+        session = cls(options, engine, tokenizer, graph_path, max_tokens)
+        if options.lora_path is not None:
+            try:
+                session.set_lora(options.lora_path)
+            except BaseException:
+                session.close()
+                raise
+        return session
+
+    # -- LoRA -------------------------------------------------------------------------------------
+
+    def set_lora(self, lora_path: str | Path | None) -> None:
+        """Use this LoRA file from the next generation on, or the base model for None.
+
+        Only the graph's LoRA inputs are written (tens of milliseconds): the base weights are
+        neither re-read nor re-packed. The graph must take adapters of this rank and targets
+        (pipelines/run.py's LlmInference re-exports a converted model when it does not).
+        """
+        with self._lock:
+            if lora_path is None:
+                self.engine.set_lora_inputs(None)
+                self.lora_path = None
+                return
+            with LoraFile(lora_path) as lora:
+                self._check_lora(lora)
+                self.engine.set_lora_inputs(lora.padded(self.engine.lora_rank))
+            self.lora_path = Path(lora_path)
+
+    def lora_fits(self, lora: LoraFile) -> bool:
+        """True when the graph's LoRA inputs can hold this adapter."""
+        rank = self.engine.lora_rank
+        return (
+            bool(rank)
+            and lora.info.stored_rank <= rank
+            and (set(lora.targets) <= set(self.engine.lora_targets))
+        )
+
+    def _check_lora(self, lora: LoraFile) -> None:
+        lora.check_base(self.base_identity, self.model_type, self.graph_path)
+        if not self.lora_fits(lora):
+            have = (
+                f"rank {self.engine.lora_rank} on {', '.join(self.engine.lora_targets)}"
+                if self.engine.lora_rank
+                else "no LoRA inputs"
+            )
+            raise LlmToolError(
+                f"LoRA {lora.path.name} needs a graph taking rank {lora.info.stored_rank} "
+                f"adapters on {', '.join(lora.targets)}; this graph has {have} (export it with "
+                "--lora-rank and --lora-targets, or run the .bin model)",
+                self.graph_path,
+            )
 
     def close(self) -> None:
         """Release the engine now (also done when the session is collected)."""
