@@ -789,6 +789,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             gated_mlp=True,
             facts=_phi3_facts,
             ignored=("rotary_emb.inv_freq",),
+            lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
         ),
         Architecture(
             "QWEN3",

@@ -31,6 +31,7 @@ ATTENTION = {
     "LLAMA": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "PHI_2": ["q_proj", "k_proj", "v_proj", "dense"],
     "GPT2": ["c_attn", "c_proj"],  # also matches mlp.c_proj: GPT-2 names collide
+    "PHI_3": ["qkv_proj", "o_proj"],  # fused q/k/v (and gate/up) split like the weights
 }
 
 
@@ -165,6 +166,29 @@ def dequantized_reference(folder: Path, container: Path, adapter: Path | None):
                 if hf in state and rule.transform is None and name in c:
                     state[hf].copy_(torch.from_numpy(np.array(c.float(name))))
     return PeftModel.from_pretrained(model, str(adapter)).eval() if adapter else model
+
+
+def test_fused_phi3_projections(adapters, tmp_path):
+    """Phi-3's fused qkv_proj and gate_up_proj adapters, split like the weights. (A graph
+    with a short cache: Phi-3's longrope picks its short factors as transformers does on
+    these short inputs.)"""
+    from llmtool.formats.lora_file import LORA_ROLES
+    from llmtool.pipelines.export import ExportOptions, export_graph
+    from llmtool.runtime.compiled_engine import CompiledEngine
+
+    a = adapters("PHI_3")
+    graph = tmp_path / "phi3.tflite"
+    export_graph(a.container, graph,
+                 ExportOptions(max_seq_len=64, lora_rank=16, lora_targets=LORA_ROLES))
+    with CompiledEngine(graph, num_threads=1, weight_cache=False) as engine:
+        for name, path in [("all", a.all_linear), ("attention", a.attention), ("base", None)]:
+            if path is None:
+                engine.set_lora_inputs(None)
+            else:
+                with LoraFile(path) as lora:
+                    engine.set_lora_inputs(lora.padded(engine.lora_rank))
+            engine.reset()
+            assert_close(engine.prefill(IDS, all_logits=True), a.logits[name])
 
 
 @pytest.mark.parametrize("quantization", ["float16", "int8", "int4"])
