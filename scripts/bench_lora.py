@@ -14,6 +14,7 @@ In one run, interleaved and repeated (medians quoted), each in its own process:
 - the time of `LlmInference.set_lora(path)`: adapter A -> adapter B -> None -> A, i.e. reading
   the LoRA file and writing the graph's LoRA inputs (the base weights are untouched).
 
+    python scripts/bench_lora.py --work /tmp/llmtool-bench-lora --prepare   # files, caches
     flock /work/coord/bench.lock python scripts/bench_lora.py --work /tmp/llmtool-bench-lora
 """
 
@@ -158,6 +159,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--prepare", action="store_true", help="only write the files and caches, measure nothing"
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -194,6 +198,8 @@ def main() -> None:
         run_worker(
             dict(kind="decode", model=str(base), lora=lora, threads=args.threads, decode_tokens=4)
         )
+    if args.prepare:
+        return
     loads = [os.getloadavg()[0]]
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeat):
