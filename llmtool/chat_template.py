@@ -41,25 +41,31 @@ class PromptAffixes:
         }
 
 
-def template_source(config: dict[str, Any], files: dict[str, bytes]) -> str | None:
-    """The template text: chat_template.jinja wins over tokenizer_config.json, as in
-    transformers; a list of named templates yields the one named "default"."""
+def template_source(config: dict[str, Any], files: dict[str, bytes]) -> tuple[str | None, str]:
+    """The template text and the file it is in: chat_template.jinja wins over
+    tokenizer_config.json, as in transformers; of a list of named templates, "default"."""
     if TEMPLATE_FILE in files:
         try:
-            return files[TEMPLATE_FILE].decode("utf-8")
+            return files[TEMPLATE_FILE].decode("utf-8"), TEMPLATE_FILE
         except UnicodeDecodeError as err:
             raise LlmToolError(f"not UTF-8 text ({err})", path=TEMPLATE_FILE) from None
     value = config.get("chat_template")
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")
-    return value if isinstance(value, str) and value.strip() else None
+    text = value if isinstance(value, str) and value.strip() else None
+    return text, "tokenizer_config.json"
 
 
 class ChatTemplate:
     """One compiled template plus the special tokens it may refer to (bos_token, ...)."""
 
-    def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None):
+    def __init__(
+        self,
+        source: str,
+        special_tokens: dict[str, str | None] | None = None,
+        origin: str | None = None,  # the file it came from, for error messages
+    ):
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -73,7 +79,7 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except TemplateError as err:
-            raise LlmToolError(f"invalid chat template ({err})") from None
+            raise LlmToolError(f"invalid chat template ({err})", path=origin) from None
         self.source = source
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
 

@@ -72,7 +72,7 @@ def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
     locations = {name: folder / name for name in files}
     locations[main_name] = main_path
     try:
-        Tokenizer.from_files(files)
+        Tokenizer.from_files(files).chat_template  # noqa: B018 - compiles it: errors now
     except LlmToolError as err:
         where = locations.get(err.path or "", p)
         message = str(err)
@@ -159,7 +159,7 @@ class Tokenizer:
         self._split_ids: dict[str, int] = {}
         self._byte_ids: frozenset[int] | None = None
         self.bytes_to_unicode = False  # SentencePiece over GPT-2's byte-mapped text (.task)
-        self._chat: tuple[str | None, dict[str, str | None]] = (None, {})
+        self._chat: tuple[str | None, str, dict[str, str | None]] = (None, "", {})
         self._chat_template: Any = None
 
     # ----------------------------------------------------------------- loading
@@ -180,19 +180,19 @@ class Tokenizer:
         from llmtool.chat_template import template_source
 
         specials = {name: _named_token(name, config, special_map) for name in _NAMED_SPECIALS}
-        tok._chat = (template_source(config, files), specials)
+        tok._chat = (*template_source(config, files), specials)
         return tok
 
     @property
     def chat_template(self) -> Any:
         """The model's ChatTemplate (compiled on first use), or None if it has none."""
-        source, specials = self._chat
+        source, origin, specials = self._chat
         if source is None:
             return None
         if self._chat_template is None:
             from llmtool.chat_template import ChatTemplate
 
-            self._chat_template = ChatTemplate(source, specials)
+            self._chat_template = ChatTemplate(source, specials, origin)
         return self._chat_template
 
     def _init_sentencepiece(

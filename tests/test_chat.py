@@ -169,3 +169,16 @@ def test_bundle_records_the_chat_template(qwen3, tmp_path):
     with LlmInference.create_from_options(options) as llm:
         ids, _ = llm.prompt_ids("Where is the library?")
     assert ids == reference_ids(folder, MESSAGES[0])
+
+
+def test_a_broken_template_is_refused_when_read(tmp_path):
+    from llmtool.tokenizer import read_tokenizer_files
+    from tests.tiny_tokenizers import make_bpe
+
+    make_bpe(tmp_path, 320, "chatml")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% if messages %}never closed"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmToolError, match="invalid chat template") as err:
+        read_tokenizer_files(tmp_path)
+    assert str(err.value).startswith(str(tmp_path / "tokenizer_config.json"))
