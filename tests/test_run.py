@@ -333,3 +333,41 @@ def test_export_is_deterministic(converted, tmp_path):
         export_graph(converted("PHI_2", "int4"), path, ExportOptions(max_seq_len=32, prefill_len=8))
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_signature_choice_follows_the_cache_and_logits_stay_exact(converted, tiny_model, tmp_path):
+    """Each call runs on the shortest KV bucket holding its positions (a short prompt on the
+    short prefill), and the logits still match transformers across every boundary."""
+    path = tmp_path / "llama.tflite"
+    options = ExportOptions(max_seq_len=64, prefill_len=16, kv_buckets=BUCKETS)
+    summary = export_graph(converted("LLAMA"), path, options)
+    assert summary["signatures"] == [
+        "prefill_16", "decode", "kv16_prefill_8", "kv16_prefill_16", "kv16_decode",
+        "kv32_prefill_16", "kv32_decode",
+    ]  # fmt: skip
+    llm = engine_for(path)
+    calls: list[tuple[str, int]] = []
+    run = llm.engine._run
+
+    def spy(key, tokens, pos, want_logits):
+        calls.append((key, pos))
+        return run(key, tokens, pos, want_logits)
+
+    llm.engine._run = spy
+    ids = random_ids(5)
+    ours, ref = llm.logits(ids), reference_logits(tiny_model("LLAMA"), ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+    assert calls == [("kv16_prefill_8", 0)]
+    calls.clear()
+    ids = random_ids(50)
+    ours, ref = llm.logits(ids), reference_logits(tiny_model("LLAMA"), ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+    assert calls == [("kv16_prefill_16", 0), ("kv32_prefill_16", 16), ("prefill_16", 32),
+                     ("decode", 48), ("decode", 49)]  # fmt: skip
+    calls.clear()
+    llm.engine.reset()
+    llm.engine.prefill(random_ids(14))
+    for _ in range(20):
+        llm.engine.decode(7)
+    keys = [k for k, _ in calls[1:]]
+    assert keys == ["kv16_decode"] * 2 + ["kv32_decode"] * 16 + ["decode"] * 2

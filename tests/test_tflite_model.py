@@ -18,6 +18,7 @@ from llmtool.formats.tflite_model import (
     Signature,
     Subgraph,
     Tensor,
+    read_metadata,
     read_model,
     read_model_bytes,
 )
@@ -37,16 +38,22 @@ def _rng() -> np.random.Generator:
 
 def _interpreter(model: bytes | Path, resolver: OpResolverType = OpResolverType.AUTO):
     if isinstance(model, Path):
-        it = Interpreter(model_path=str(model), num_threads=1,
-                         experimental_op_resolver_type=resolver)
+        it = Interpreter(
+            model_path=str(model), num_threads=1, experimental_op_resolver_type=resolver
+        )
     else:
-        it = Interpreter(model_content=model, num_threads=1,
-                         experimental_op_resolver_type=resolver)
+        it = Interpreter(model_content=model, num_threads=1, experimental_op_resolver_type=resolver)
     return it
 
 
-def _fc_writer(w_dtype: str, w_data: np.ndarray, shape: tuple[int, int], batch: int = 3,
-               quant: Quantization | None = None, bias: np.ndarray | None = None) -> ModelWriter:
+def _fc_writer(
+    w_dtype: str,
+    w_data: np.ndarray,
+    shape: tuple[int, int],
+    batch: int = 3,
+    quant: Quantization | None = None,
+    bias: np.ndarray | None = None,
+) -> ModelWriter:
     out_dim, in_dim = shape
     writer = ModelWriter(description="fc test")
     wb = writer.add_buffer(w_data)
@@ -59,9 +66,11 @@ def _fc_writer(w_dtype: str, w_data: np.ndarray, shape: tuple[int, int], batch: 
     if bias is not None:
         tensors.append(Tensor("b", (out_dim,), "float32", writer.add_buffer(bias)))
         inputs[2] = 3
-    writer.add_subgraph(Subgraph("main", tensors, [0], [2], [
-        Operator("FULLY_CONNECTED", inputs, [2], dict(FC_OPTIONS))
-    ]))
+    writer.add_subgraph(
+        Subgraph(
+            "main", tensors, [0], [2], [Operator("FULLY_CONNECTED", inputs, [2], dict(FC_OPTIONS))]
+        )
+    )
     writer.add_signature(Signature("serving_default", 0, {"x": 0}, {"y": 2}))
     return writer
 
@@ -91,8 +100,9 @@ def test_fully_connected_float32(tmp_path: Path, resolver: OpResolverType) -> No
 
 @pytest.mark.parametrize("resolver", RESOLVERS)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fully_connected_dynamic_range_per_channel(tmp_path: Path, bits: int,
-                                                   resolver: OpResolverType) -> None:
+def test_fully_connected_dynamic_range_per_channel(
+    tmp_path: Path, bits: int, resolver: OpResolverType
+) -> None:
     rng = _rng()
     w = rng.standard_normal((12, 32)).astype(np.float32)
     w[5] *= 20  # per-channel scales must be honoured
@@ -110,8 +120,9 @@ def test_fully_connected_dynamic_range_per_channel(tmp_path: Path, bits: int,
     assert np.abs(y).max() > 0.1
 
 
-def _mini_lm(writer: ModelWriter, name: str, T: int, bufs: dict[str, int],
-             V: int, D: int, N: int, S: int) -> Subgraph:
+def _mini_lm(
+    writer: ModelWriter, name: str, T: int, bufs: dict[str, int], V: int, D: int, N: int, S: int
+) -> Subgraph:
     """tokens -> GATHER(table) -> FULLY_CONNECTED(int8 w) -> logits; cache <- DUS at input_pos."""
     wq: Quantization = bufs["wq"]  # type: ignore[assignment]
     tensors = [
@@ -133,14 +144,18 @@ def _mini_lm(writer: ModelWriter, name: str, T: int, bufs: dict[str, int],
         Operator("GATHER", [3, 0], [5], {"axis": 0, "batch_dims": 0}),
         Operator("FULLY_CONNECTED", [5, 4, -1], [6], dict(FC_OPTIONS)),
         Operator("SLICE", [1, 8, 9], [10]),
-        Operator("CONCATENATION", [7, 10, 7], [11], {"axis": 0,
-                                                     "fused_activation_function": "NONE"}),
+        Operator(
+            "CONCATENATION", [7, 10, 7], [11], {"axis": 0, "fused_activation_function": "NONE"}
+        ),
         Operator("DYNAMIC_UPDATE_SLICE", [2, 6, 11], [12]),
     ]
     sg = Subgraph(name, tensors, [0, 1, 2], [6, 12], ops)
     index = writer.add_subgraph(sg)
-    writer.add_signature(Signature(name, index, {"tokens": 0, "input_pos": 1, "kv_cache": 2},
-                                   {"logits": 6, "kv_cache": 12}))
+    writer.add_signature(
+        Signature(
+            name, index, {"tokens": 0, "input_pos": 1, "kv_cache": 2}, {"logits": 6, "kv_cache": 12}
+        )
+    )
     return sg
 
 
@@ -166,6 +181,7 @@ def test_two_signatures_share_weights_and_update_a_cache(tmp_path: Path) -> None
 
     model = read_model(path)
     assert [s.key for s in model.signatures] == ["prefill_4", "decode"]
+    assert read_metadata(path) == (model.metadata, True) == ({"note": b"two signatures"}, True)
     # one copy of each weight: both subgraphs point at the same buffers
     assert model.subgraphs[0].tensors[3].buffer == model.subgraphs[1].tensors[3].buffer
     assert model.subgraphs[0].tensors[4].buffer == model.subgraphs[1].tensors[4].buffer
@@ -185,11 +201,13 @@ def test_two_signatures_share_weights_and_update_a_cache(tmp_path: Path) -> None
     cache = out["kv_cache"]
     np.testing.assert_array_equal(cache[0, :4], out["logits"][0])
     assert not cache[0, 4:].any()
-    out2 = decode(tokens=np.array([[9]], np.int32), input_pos=np.array([4], np.int32),
-                  kv_cache=cache)
+    out2 = decode(
+        tokens=np.array([[9]], np.int32), input_pos=np.array([4], np.int32), kv_cache=cache
+    )
     ref2 = table[9] @ wd.T
-    np.testing.assert_allclose(out2["logits"][0, 0], ref2, rtol=2e-2,
-                               atol=2e-2 * np.abs(ref2).max())
+    np.testing.assert_allclose(
+        out2["logits"][0, 0], ref2, rtol=2e-2, atol=2e-2 * np.abs(ref2).max()
+    )
     np.testing.assert_array_equal(out2["kv_cache"][0, :4], cache[0, :4])
     np.testing.assert_array_equal(out2["kv_cache"][0, 4], out2["logits"][0, 0])
     assert not out2["kv_cache"][0, 5:].any()
@@ -204,15 +222,24 @@ def test_embedding_lookup_int8_per_row(resolver: OpResolverType) -> None:
     q = quantize(table, 8)
     writer = ModelWriter()
     tb = writer.add_buffer(q.data)
-    writer.add_subgraph(Subgraph("main", [
-        Tensor("ids", (4,), "int32"),
-        Tensor("table", (V, D), "int8", tb, Quantization(q.scale, q.zero_point, 0)),
-        Tensor("out", (4, D), "float32"),
-    ], [0], [2], [Operator("EMBEDDING_LOOKUP", [0, 1], [2])]))
+    writer.add_subgraph(
+        Subgraph(
+            "main",
+            [
+                Tensor("ids", (4,), "int32"),
+                Tensor("table", (V, D), "int8", tb, Quantization(q.scale, q.zero_point, 0)),
+                Tensor("out", (4, D), "float32"),
+            ],
+            [0],
+            [2],
+            [Operator("EMBEDDING_LOOKUP", [0, 1], [2])],
+        )
+    )
     writer.add_signature(Signature("lookup", 0, {"ids": 0}, {"out": 2}))
     ids = np.array([2, 0, 8, 2], np.int32)
     out = _interpreter(writer.to_bytes(alignment=64), resolver).get_signature_runner("lookup")(
-        ids=ids)["out"]
+        ids=ids
+    )["out"]
     np.testing.assert_allclose(out, dequantize(q)[ids], rtol=1e-6, atol=1e-6)
 
 
@@ -221,15 +248,23 @@ def test_gather_float_and_dequantize_float16() -> None:
     table = rng.standard_normal((7, 5)).astype(np.float16)
     writer = ModelWriter()
     tb = writer.add_buffer(table)
-    writer.add_subgraph(Subgraph("main", [
-        Tensor("table16", (7, 5), "float16", tb),
-        Tensor("table", (7, 5), "float32"),
-        Tensor("ids", (1, 3), "int32"),
-        Tensor("out", (1, 3, 5), "float32"),
-    ], [2], [3], [
-        Operator("DEQUANTIZE", [0], [1]),
-        Operator("GATHER", [1, 2], [3], {"axis": 0, "batch_dims": 0}),
-    ]))
+    writer.add_subgraph(
+        Subgraph(
+            "main",
+            [
+                Tensor("table16", (7, 5), "float16", tb),
+                Tensor("table", (7, 5), "float32"),
+                Tensor("ids", (1, 3), "int32"),
+                Tensor("out", (1, 3, 5), "float32"),
+            ],
+            [2],
+            [3],
+            [
+                Operator("DEQUANTIZE", [0], [1]),
+                Operator("GATHER", [1, 2], [3], {"axis": 0, "batch_dims": 0}),
+            ],
+        )
+    )
     writer.add_signature(Signature("g", 0, {"ids": 2}, {"out": 3}))
     ids = np.array([[6, 0, 3]], np.int32)
     out = _interpreter(writer.to_bytes()).get_signature_runner("g")(ids=ids)["out"]
@@ -239,11 +274,19 @@ def test_gather_float_and_dequantize_float16() -> None:
 def test_dynamic_shape_signature_and_mean_options() -> None:
     writer = ModelWriter()
     axis = writer.add_buffer(np.array([1], np.int32))
-    writer.add_subgraph(Subgraph("main", [
-        Tensor("x", (1, 4), "float32", shape_signature=(-1, 4)),
-        Tensor("axis", (1,), "int32", axis),
-        Tensor("m", (1, 1), "float32", shape_signature=(-1, 1)),
-    ], [0], [2], [Operator("MEAN", [0, 1], [2], {"keep_dims": True})]))
+    writer.add_subgraph(
+        Subgraph(
+            "main",
+            [
+                Tensor("x", (1, 4), "float32", shape_signature=(-1, 4)),
+                Tensor("axis", (1,), "int32", axis),
+                Tensor("m", (1, 1), "float32", shape_signature=(-1, 1)),
+            ],
+            [0],
+            [2],
+            [Operator("MEAN", [0, 1], [2], {"keep_dims": True})],
+        )
+    )
     writer.add_signature(Signature("mean", 0, {"x": 0}, {"m": 2}))
     content = writer.to_bytes(alignment=64)
     model = read_model_bytes(content)
@@ -384,25 +427,43 @@ def test_reads_inline_buffers() -> None:
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     parsed = read_model_bytes(bytes(builder.Output()))
     assert not parsed.buffers[1].external
-    np.testing.assert_array_equal(parsed.tensor_data(0, 0),
-                                  np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(
+        parsed.tensor_data(0, 0), np.arange(6, dtype=np.float32).reshape(2, 3)
+    )
 
 
 def test_operator_and_custom_op_round_trip() -> None:
     writer = ModelWriter()
-    writer.add_subgraph(Subgraph("g", [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32")],
-                                 [0], [1], [
-        Operator("GELU", [0], [1], {"approximate": True}),
-        Operator("FULLY_CONNECTED", [0, 0, -1], [1], {"fusedActivationFunction": "relu"},
-                 version=2),
-        Operator("CUSTOM", [0], [1], custom_code="MyOp", custom_options=b"\x01\x02"),
-        Operator("STABLEHLO_COMPOSITE", [0], [1], {"name": "odml.rms_norm", "version": 1}),
-        Operator("RSQRT", [0], [1]),
-    ]))
+    writer.add_subgraph(
+        Subgraph(
+            "g",
+            [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32")],
+            [0],
+            [1],
+            [
+                Operator("GELU", [0], [1], {"approximate": True}),
+                Operator(
+                    "FULLY_CONNECTED",
+                    [0, 0, -1],
+                    [1],
+                    {"fusedActivationFunction": "relu"},
+                    version=2,
+                ),
+                Operator("CUSTOM", [0], [1], custom_code="MyOp", custom_options=b"\x01\x02"),
+                Operator("STABLEHLO_COMPOSITE", [0], [1], {"name": "odml.rms_norm", "version": 1}),
+                Operator("RSQRT", [0], [1]),
+            ],
+        )
+    )
     model = read_model_bytes(writer.to_bytes(alignment=64))
     ops = model.subgraphs[0].operators
-    assert [o.op for o in ops] == ["GELU", "FULLY_CONNECTED", "CUSTOM", "STABLEHLO_COMPOSITE",
-                                   "RSQRT"]
+    assert [o.op for o in ops] == [
+        "GELU",
+        "FULLY_CONNECTED",
+        "CUSTOM",
+        "STABLEHLO_COMPOSITE",
+        "RSQRT",
+    ]
     assert ops[0].options["approximate"] is True
     assert ops[1].options["fused_activation_function"] == schema.ActivationFunctionType.RELU
     assert ops[1].version == 2 and ops[0].version == 1
@@ -423,15 +484,18 @@ def test_operator_and_custom_op_round_trip() -> None:
         (Operator("NOT_AN_OP", [0], [1]), "unknown builtin op"),
         (Operator("RSQRT", [0], [1], {"beta": 1.0}), "takes no builtin options"),
         (Operator("SOFTMAX", [0], [1], {"betta": 1.0}), "has no option 'betta'"),
-        (Operator("FULLY_CONNECTED", [0, 0, -1], [1], {"fused_activation_function": "RELU7"}),
-         "not one of"),
+        (
+            Operator("FULLY_CONNECTED", [0, 0, -1], [1], {"fused_activation_function": "RELU7"}),
+            "not one of",
+        ),
         (Operator("ADD", [0, 5], [1]), "no tensor 5"),
     ],
 )
 def test_invalid_operators_are_refused(op: Operator, message: str) -> None:
     writer = ModelWriter()
-    writer.add_subgraph(Subgraph("g", [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32")],
-                                 [0], [1], [op]))
+    writer.add_subgraph(
+        Subgraph("g", [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32")], [0], [1], [op])
+    )
     with pytest.raises(ValueError, match=message):
         writer.to_bytes(alignment=64)
 
@@ -521,9 +585,15 @@ def test_fully_connected_blockwise_int4(tmp_path: Path) -> None:
         Tensor("y", (3, 16), "float32"),
         Tensor("w.scales", (16, 4), "float16", writer.add_buffer(q.scale.astype(np.float16))),
     ]
-    writer.add_subgraph(Subgraph("main", tensors, [0], [2], [
-        Operator("FULLY_CONNECTED", [0, 1, -1], [2], dict(FC_OPTIONS))
-    ]))
+    writer.add_subgraph(
+        Subgraph(
+            "main",
+            tensors,
+            [0],
+            [2],
+            [Operator("FULLY_CONNECTED", [0, 1, -1], [2], dict(FC_OPTIONS))],
+        )
+    )
     writer.add_signature(Signature("serving_default", 0, {"x": 0}, {"y": 2}))
     path = tmp_path / "fcb.tflite"
     writer.write(path, alignment=64)

@@ -37,6 +37,9 @@ class ExportOptions:
     kv_buckets: tuple[int, ...] | None = None  # attended lengths L < S; None: default_buckets
     lora_rank: int = 0  # > 0: LoRA inputs of this rank on the lora_targets projections
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # roles (formats/lora_file.LORA_ROLES)
+    # A short prefill in the first bucket only: a short prompt costs one pass over the
+    # weights instead of a padded long chunk or one decode step per token. 0: none.
+    short_prefill_len: int = 8
 
 
 def default_buckets(seq_len: int) -> tuple[int, ...]:
@@ -49,12 +52,16 @@ def default_buckets(seq_len: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def plan_signatures(S: int, T: int, buckets: tuple[int, ...]) -> list[tuple[str, int, int]]:
+def plan_signatures(
+    S: int, T: int, buckets: tuple[int, ...], short: int = 0
+) -> list[tuple[str, int, int]]:
     """(name, tokens per call, attended cache length) of every signature of a graph."""
     signatures = [(f"prefill_{T}", T, S), ("decode", 1, S)]
-    for L in sorted(set(buckets)):
+    for i, L in enumerate(sorted(set(buckets))):
         if not 1 <= L < S:
             raise LlmToolError(f"KV bucket {L} must be between 1 and the cache length {S} - 1")
+        if i == 0 and 1 < short < min(T, L):
+            signatures.append((f"kv{L}_prefill_{short}", short, L))
         if L >= T:
             signatures.append((f"kv{L}_prefill_{T}", T, L))
         signatures.append((f"kv{L}_decode", 1, L))
@@ -79,7 +86,7 @@ def export_graph(
             raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
         T = max(1, min(options.prefill_len, S))
         buckets = default_buckets(S) if options.kv_buckets is None else options.kv_buckets
-        signatures = plan_signatures(S, T, buckets)
+        signatures = plan_signatures(S, T, buckets, options.short_prefill_len)
         rank, targets = options.lora_rank, _lora_targets(spec, options)
         writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
         build_graph(c, spec, writer, signatures, S, report, rank, targets)

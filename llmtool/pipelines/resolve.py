@@ -26,7 +26,7 @@ from pathlib import Path
 from llmtool._version import __version__
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
-from llmtool.formats.tflite_model import read_model
+from llmtool.formats.tflite_model import read_metadata
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model.bin"
@@ -105,10 +105,9 @@ def resolve_graph(
     if bundle_kind(path):
         graph, tokenizer, _ = resolve_bundle(path)
         return graph, tokenizer
-    with read_model(path) as model:
-        files = keys.unpack_tokenizer(model.metadata)
-        graph = model.is_graph
-        spec_json = model.metadata.get(keys.MODEL_SPEC)
+    metadata, graph = read_metadata(path)
+    files = keys.unpack_tokenizer(metadata)
+    spec_json = metadata.get(keys.MODEL_SPEC)
     if not files:
         raise LlmToolError("the model carries no tokenizer (was it written by llmtool?)", path)
     tokenizer = Tokenizer.from_files(files)

@@ -216,7 +216,9 @@ class EngineBase:
 
     @functools.cached_property
     def _variants(self) -> dict[str, list[tuple[int, str]]]:
-        """Plain key -> its variants as (attended length, key), shortest first."""
+        """Plain name (`decode`, `prefill_<T>`) -> the signatures running it, as (attended
+        length, key), shortest first. A graph may carry some variants without the plain one
+        (e.g. a short prefill for the first bucket only)."""
         table: dict[str, list[tuple[int, str]]] = {}
         for key in self._lengths:
             parsed = parse_signature(key)
@@ -224,18 +226,19 @@ class EngineBase:
                 table.setdefault(parsed[0], []).append((self.kv_len(key), key))
         return {k: sorted(v) for k, v in table.items()}
 
-    def _variant(self, key: str, pos: int) -> str:
-        """The cheapest variant of a plain signature for a call at pos (whole cache if none)."""
-        end = pos + self._lengths[key]
-        for length, variant in self._variants.get(key, ()):
-            if end <= length:
-                return variant
-        return key
+    def _variant(self, name: str, pos: int) -> str | None:
+        """The cheapest signature running `name` at pos: the shortest attended range holding
+        the call's positions (None when none holds them)."""
+        for length, key in self._variants.get(name, ()):
+            if pos + self._lengths[key] <= length:
+                return key
+        return None
 
     @property
     def prefill_keys(self) -> list[str]:
-        plain = (k for k in self._lengths if k != "decode" and self.kv_len(k) == self.max_seq_len)
-        return sorted(plain, key=self._lengths.__getitem__)
+        """The prefill sizes (plain names), shortest first."""
+        names = (k for k in self._variants if k != "decode")
+        return sorted(names, key=lambda k: self._lengths[self._variants[k][0][1]])
 
     def prefill(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens at the current position; logits of the last (or every) position."""
@@ -252,8 +255,7 @@ class EngineBase:
             key = self._pick(rest)
             n = min(rest, self._lengths[key])
             last = i + n == len(tokens)
-            call = self._variant(key, self.pos)
-            logits = self._run(call, tokens[i : i + n], self.pos, all_logits or last)
+            logits = self._run(key, tokens[i : i + n], self.pos, all_logits or last)
             if logits is not None:
                 outs.append(logits if all_logits else logits[-1:])
             self.pos += n
@@ -261,18 +263,30 @@ class EngineBase:
         return np.concatenate(outs, axis=0) if all_logits else outs[-1][0]
 
     def _pick(self, rest: int) -> str:
-        """The cheapest signature for the next chunk: a prefill chunk that fits in the cache
-        and is not mostly padding, else one decode step."""
-        for key in self.prefill_keys:
-            length = self._lengths[key]
-            if self.pos + length <= self.max_seq_len and (rest >= length or length <= 4 * rest):
-                return key
-        return "decode"
+        """The signature for the next chunk of `rest` tokens, among the prefills that fit in
+        the cache: the longest while the rest is at least that long; else the shortest that
+        takes the whole rest in one call and is not mostly padding; else the longest full
+        chunk; else one decode step."""
+        fits = [
+            (self._lengths[k], k) for n in self.prefill_keys if (k := self._variant(n, self.pos))
+        ]
+        if fits and rest >= max(fits)[0]:
+            return max(fits)[1]
+        whole = [(length, k) for length, k in fits if rest <= length <= 4 * rest]
+        if whole:
+            return min(whole)[1]
+        full = [(length, k) for length, k in fits if length <= rest]
+        return max(full)[1] if full else self._decode_key()
+
+    def _decode_key(self) -> str:
+        key = self._variant("decode", self.pos)
+        assert key is not None, "the plain decode signature holds every position"
+        return key
 
     def decode(self, token: int) -> np.ndarray:
         if self.pos >= self.max_seq_len:
             raise LlmToolError(f"the KV cache of {self.max_seq_len} tokens is full")
-        logits = self._run(self._variant("decode", self.pos), [token], self.pos, True)
+        logits = self._run(self._decode_key(), [token], self.pos, True)
         assert logits is not None
         self.pos += 1
         return logits[0]
