@@ -17,8 +17,20 @@ interleaved and repeated (medians quoted), it measures:
 
 Every measurement runs in its own process (no shared thread pools; peak RSS from wait4).
 Prepared files are cached in --work, keyed by the llmtool sources that made them.
+llama.cpp runs at its default OpenMP wait policy (spinning); `--llama-omp-passive` sets
+OMP_WAIT_POLICY=passive for it, which slows its decode here but survives a loaded machine.
 
     python scripts/bench_decode.py [--llama-cpp /opt/llama.cpp-baseline] [--repeat 3] [--json]
+
+Context sweep (`--sweep`): decode speed at positions 100 / 1000 / 2000 / 4000 / 8000 of an
+8192-token context and prefill speed of prompts of those lengths, llmtool (the graph `run`
+exports: one graph per model, KV buckets) side by side with llama-bench (`-d <depth>`), on the
+Gemma-shaped model and on random Llama-shaped ones (`--shapes gemma,narrow,llama1b`: narrow is
+30 layers of width 576 with 3 KV heads of 64 and a 49152 vocabulary, llama1b is Llama 3.2 1B's
+shape):
+
+    python scripts/bench_decode.py --sweep --llama-cpp ~/llama.cpp --shapes gemma,narrow \
+        --precisions int8,int4 --repeat 1
 """
 
 from __future__ import annotations
@@ -146,8 +158,59 @@ def work_transformers(ckpt: str, threads: int, prompt_tokens: int, decode_tokens
     }
 
 
+def work_convert_llama(ckpt: str, out: str, quantization: str) -> dict:
+    from llmtool.config import ConversionConfig
+    from llmtool.pipelines.convert import convert
+
+    config = ConversionConfig(
+        input_ckpt=ckpt, model_type="LLAMA", output_tflite_file=out, quantization=quantization
+    )
+    return convert(config)
+
+
+def work_sweep(
+    container: str, threads: int, positions: list[int], decode_tokens: int, max_seq_len: int
+) -> dict:
+    """What `llmtool run` does with a container (resolve: export once, then load the cached
+    graph), then per position P: prefill P tokens from an empty cache, decode N tokens."""
+    import numpy as np
+
+    from llmtool.pipelines.resolve import resolve_graph
+    from llmtool.runtime.inference import open_engine
+
+    t0 = time.perf_counter()
+    graph, _ = resolve_graph(container, max_seq_len)
+    export_s = time.perf_counter() - t0
+    with open_engine(graph, threads) as warm:  # packs the XNNPACK weight cache once
+        warm.prefill(_prompt(8, warm.vocab_size))
+    t0 = time.perf_counter()
+    engine = open_engine(graph, threads)
+    load = time.perf_counter() - t0
+    out: dict[str, Any] = {"export_s": export_s, "load_s": load, "graph": str(graph)}
+    out["graph_bytes"] = Path(graph).stat().st_size
+    for P in positions:
+        if P + decode_tokens + 1 > engine.max_seq_len:
+            continue
+        engine.reset()
+        prompt = _prompt(P, engine.vocab_size)
+        t0 = time.perf_counter()
+        logits = engine.prefill(prompt)
+        t1 = time.perf_counter()
+        logits = engine.decode(int(np.argmax(logits)))  # untimed: first call at this position
+        t2 = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = engine.decode(int(np.argmax(logits)))
+        t3 = time.perf_counter()
+        out[f"prefill_tps@{P}"] = P / (t1 - t0)
+        out[f"decode_tps@{P}"] = decode_tokens / (t3 - t2)
+    engine.close()
+    return out
+
+
 WORKERS = {
     "convert": work_convert,
+    "convert_llama": work_convert_llama,
+    "sweep": work_sweep,
     "export": work_export,
     "ours": work_ours,
     "litert_lm": work_litert_lm,
@@ -281,13 +344,15 @@ def find_llama_cpp(root: Path) -> dict[str, Path]:
     return tools
 
 
-def prepare_llama(args: argparse.Namespace, ckpt: Path, tools: dict[str, Path]) -> dict[str, Path]:
+def prepare_llama(
+    args: argparse.Namespace, ckpt: Path, tools: dict[str, Path], name: str = "gemma-shaped"
+) -> dict[str, Path]:
     env = dict(os.environ)
     gguf_py = tools["convert"].parent / "gguf-py"
     if gguf_py.is_dir():
         env["PYTHONPATH"] = f"{gguf_py}{os.pathsep}{env.get('PYTHONPATH', '')}"
     out = {}
-    f32 = args.work / "gemma-shaped-f32.gguf"
+    f32 = args.work / f"{name}-f32.gguf"
     if not f32.is_file():
         log("llama.cpp convert_hf_to_gguf f32")
         tmp = f32.with_suffix(".tmp")
@@ -305,7 +370,7 @@ def prepare_llama(args: argparse.Namespace, ckpt: Path, tools: dict[str, Path]) 
         )
         tmp.rename(f32)
     for q, gtype in GGUF_TYPES.items():
-        path = args.work / f"gemma-shaped-{gtype.lower()}.gguf"
+        path = args.work / f"{name}-{gtype.lower()}.gguf"
         if not path.is_file():
             log(f"llama-quantize {gtype}")
             tmp = path.with_suffix(".tmp")
@@ -327,13 +392,46 @@ def measure_llama(
     ]  # fmt: skip
     if "build-noamx" not in str(tools["llama-bench"]):
         cmd += ["--repack", "0"]
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    out, seconds, rss = run_child(cmd, env)
+    out, seconds, rss = run_child(cmd, llama_env(args))
     rows = json.loads(out[out.index("[") :])
     result: dict[str, Any] = {"build": rows[0].get("build_commit")}
     for row in rows:
         kind = "prefill_tps" if row.get("n_prompt") else "decode_tps"
         result[kind] = float(row["avg_ts"])
+    return result, seconds, rss
+
+
+def llama_env(args: argparse.Namespace) -> dict[str, str]:
+    """llama.cpp's environment: its default OpenMP wait policy unless --llama-omp-passive."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if args.llama_omp_passive:
+        env["OMP_WAIT_POLICY"] = "passive"
+    return env
+
+
+def measure_llama_sweep(
+    tools: dict[str, Path], gguf: Path, args: argparse.Namespace, positions: list[int]
+) -> tuple[dict, float, float]:
+    """llama-bench: decode of N tokens at each depth, and prefill of prompts of each length."""
+    base = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(args.threads), "-r", "1",
+            "-o", "json"]  # fmt: skip
+    if "build-noamx" not in str(tools["llama-bench"]):
+        base += ["--repack", "0"]
+    depths = ",".join(map(str, positions))
+    result: dict[str, Any] = {}
+    seconds = rss = 0.0
+    for cmd in (
+        [*base, "-p", "0", "-n", str(args.decode_tokens), "-d", depths],
+        [*base, "-p", ",".join(map(str, positions)), "-n", "0"],
+    ):
+        out, sec, peak = run_child(cmd, llama_env(args))
+        seconds, rss = seconds + sec, max(rss, peak)
+        for row in json.loads(out[out.index("[") :]):
+            result["build"] = row.get("build_commit")
+            if row.get("n_gen"):
+                result[f"decode_tps@{row['n_depth']}"] = float(row["avg_ts"])
+            else:
+                result[f"prefill_tps@{row['n_prompt']}"] = float(row["avg_ts"])
     return result, seconds, rss
 
 
@@ -381,6 +479,155 @@ def summarize(runs: list[tuple[dict, float, float]]) -> dict[str, Any]:
     }
 
 
+# -- the context sweep --------------------------------------------------------------------------
+
+LLAMA_SHAPES = {  # random Llama-architecture checkpoints (transformers' LlamaConfig)
+    "narrow": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                    vocab_size=128256, rope_theta=500000.0),
+}  # fmt: skip
+
+
+def make_llama_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
+    """A random float32 Llama-shaped checkpoint with an 8192-token context (written once),
+    with the Gemma-shaped model's SentencePiece tokenizer."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **LLAMA_SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    with torch.no_grad():
+        model = LlamaForCausalLM(config)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, tmp / name)
+    tmp.rename(folder)
+    return folder
+
+
+def sweep_main(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(HERE))
+    from bench_convert import make_checkpoint
+
+    positions = [int(x) for x in args.positions.split(",")]
+    precisions = args.precisions.split(",")
+    gemma = make_checkpoint(args.work / "gemma-shaped")
+    ckpts = {}
+    for shape in args.shapes.split(","):
+        if shape == "gemma":
+            ckpts[shape] = gemma
+        elif shape in LLAMA_SHAPES:
+            log(f"checkpoint {shape}")
+            ckpts[shape] = make_llama_checkpoint(args.work / f"{shape}-shaped", shape, gemma)
+        else:
+            raise SystemExit(f"--shapes: unknown shape {shape!r}")
+    tools = find_llama_cpp(args.llama_cpp) if args.llama_cpp else None
+    containers: dict[tuple[str, str], Path] = {}
+    ggufs: dict[tuple[str, str], Path] = {}
+    ckey = source_key(skip=("runtime/", "cli.py", "pipelines/run.py", "decoder.py"))
+    for shape, ckpt in ckpts.items():
+        for q in precisions:
+            out = args.work / f"sweep-{shape}-{q}-{ckey}.bin"
+            if not out.is_file():
+                log(f"llmtool convert {shape} {q}")
+                kind = "convert" if shape == "gemma" else "convert_llama"
+                run_worker({"kind": kind, "ckpt": str(ckpt), "out": str(out), "quantization": q})
+            containers[(shape, q)] = out
+        if tools:
+            made = prepare_llama(args, ckpt, tools, name=ckpt.name)
+            ggufs.update({(shape, q): made[q] for q in precisions})
+
+    jobs: dict[tuple[str, str, str], Any] = {}
+    for shape in ckpts:
+        for q in precisions:
+            jobs[(shape, q, "llmtool")] = lambda shape=shape, q=q: run_worker(
+                {"kind": "sweep", "container": str(containers[(shape, q)]),
+                 "threads": args.threads, "positions": positions,
+                 "decode_tokens": args.decode_tokens, "max_seq_len": args.context}
+            )  # fmt: skip
+            if tools:
+                jobs[(shape, q, "llama.cpp")] = lambda shape=shape, q=q: measure_llama_sweep(
+                    tools, ggufs[(shape, q)], args, positions
+                )
+    load_before = os.getloadavg()
+    started = time.time()
+    runs: dict[tuple[str, str, str], list] = {k: [] for k in jobs}
+    for rep in range(args.repeat):
+        for name, job in jobs.items():
+            log(f"sweep {rep + 1}/{args.repeat}: {' '.join(name)}")
+            try:
+                runs[name].append(job())
+            except (RuntimeError, ValueError, KeyError) as exc:
+                log(f"  failed: {str(exc).strip().splitlines()[-1][:300]}")
+    results: dict[str, Any] = {}
+    for (shape, q, engine), values in runs.items():
+        if not values:
+            continue
+        keys = sorted({k for v in values for k in v[0] if "@" in k})
+        entry: dict[str, Any] = {
+            k: round(statistics.median(v[0][k] for v in values if k in v[0]), 2) for k in keys
+        }
+        entry["peak_rss_gb"] = round(max(v[2] for v in values), 3)
+        for extra in ("load_s", "export_s", "graph_bytes", "build"):
+            if extra in values[0][0]:
+                entry[extra] = values[0][0][extra]
+        results[f"{shape} {q} {engine}"] = entry
+    report = {
+        "positions": positions,
+        "settings": {"decode_tokens": args.decode_tokens, "threads": args.threads,
+                     "repeat": args.repeat, "context": args.context,
+                     "llama_cpp_omp": "passive" if args.llama_omp_passive else "default"},
+        "machine": machine_info(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": round(time.time() - started, 1),
+        "results": results,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_sweep(report)
+
+
+def print_sweep(report: dict[str, Any]) -> None:
+    st = report["settings"]
+    print(
+        f"context sweep: decode {st['decode_tokens']} tokens at each position, "
+        f"{st['threads']} threads, median of {st['repeat']}, llama.cpp OpenMP {st['llama_cpp_omp']}"
+    )
+    print(
+        f"load average before {report['load_average_before']}, after "
+        f"{report['load_average_after']}; {report['wall_seconds']} s"
+    )
+    groups = sorted({k.rsplit(" ", 1)[0] for k in report["results"]})
+    for group in groups:
+        ours = report["results"].get(f"{group} llmtool", {})
+        theirs = report["results"].get(f"{group} llama.cpp", {})
+        print(f"\n{group}: peak RSS llmtool {ours.get('peak_rss_gb')} GB, "
+              f"llama.cpp {theirs.get('peak_rss_gb')} GB")  # fmt: skip
+        print(f"{'position':>8} {'decode tok/s':>13} {'llama.cpp':>10} {'ratio':>6}"
+              f" {'prefill tok/s':>14} {'llama.cpp':>10} {'ratio':>6}")  # fmt: skip
+        for P in report["positions"]:
+            row = [f"{P:>8}"]
+            for kind, width in (("decode_tps", 13), ("prefill_tps", 14)):
+                a, b = ours.get(f"{kind}@{P}"), theirs.get(f"{kind}@{P}")
+                ratio = f"{a / b:6.2f}" if a and b else f"{'':>6}"
+                row.append(f"{a or 0:>{width}.2f} {b or 0:>10.2f} {ratio}")
+            print(" ".join(row))
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2])
@@ -394,12 +641,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--llama-omp-passive",
+        action="store_true",
+        help="run llama.cpp with OMP_WAIT_POLICY=passive (default: its own default)",
+    )
+    ap.add_argument("--sweep", action="store_true", help="the context sweep (see above)")
+    ap.add_argument("--positions", default="100,1000,2000,4000,8000")
+    ap.add_argument("--shapes", default="gemma", help="gemma, narrow, llama1b (comma-separated)")
+    ap.add_argument("--precisions", default="int8,int4")
+    ap.add_argument("--context", type=int, default=8192, help="max tokens asked of `run`")
+    args = ap.parse_args()  # fmt: skip
     # Exported graphs and XNNPACK weight caches of the benchmark stay in its work folder.
     os.environ.setdefault("LLMTOOL_CACHE_DIR", str(args.work / "cache"))
     if args.repeat < 1 or args.decode_tokens < 1 or args.prompt_tokens < 1 or args.threads < 1:
         ap.error("--repeat, --decode-tokens, --prompt-tokens and --threads must be positive")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        sweep_main(args)
+        return
 
     sys.path.insert(0, str(HERE))
     from bench_convert import SHAPE, make_checkpoint

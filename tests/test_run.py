@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -204,13 +205,16 @@ def test_safety_filter(graph, tmp_path):
 # The command line
 
 
-def llmtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def llmtool(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "llmtool", *args],
         capture_output=True,
         text=True,
         timeout=300,
         input=stdin,
+        env=env,
     )
 
 
@@ -371,3 +375,42 @@ def test_signature_choice_follows_the_cache_and_logits_stay_exact(converted, tin
         llm.engine.decode(7)
     keys = [k for k, _ in calls[1:]]
     assert keys == ["kv16_decode"] * 2 + ["kv32_decode"] * 16 + ["decode"] * 2
+
+
+def test_content_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    from llmtool.pipelines import resolve
+
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    hashed: list[Path] = []
+    real = resolve.file_digest
+    monkeypatch.setattr(resolve, "file_digest", lambda p: hashed.append(p) or real(p))
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"first version")
+    first = resolve.remembered_digest(model)
+    assert resolve.remembered_digest(model) == first and len(hashed) == 1  # remembered
+    model.write_bytes(b"other version")  # a rewrite (new ctime) is hashed again
+    second = resolve.remembered_digest(model)
+    assert second != first and second == real(model) and len(hashed) == 2
+
+
+def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path):
+    """A run whose graph is cached loads what running needs, not the exporter or torch."""
+    env = {**os.environ, "LLMTOOL_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["run", "--model", str(converted("LLAMA", "int8")), "--prompt", "the cat",
+            "--max-tokens", "12", "--num-threads", "1"]  # fmt: skip
+    assert llmtool(*args, env=env).returncode == 0  # cold: exports into the cache
+    report = tmp_path / "modules.json"
+    code = (
+        "import atexit, json, sys\n"
+        f"out = open({str(report)!r}, 'w')\n"
+        "atexit.register(lambda: out.write(json.dumps(list(sys.modules))) and out.close())\n"
+        f"sys.argv = ['llmtool', *{args!r}]\n"
+        "from llmtool.cli import main\n"
+        "main()\n"
+    )
+    warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert warm.returncode == 0, warm.stderr
+    loaded = set(json.loads(report.read_text()))
+    assert "llmtool.runtime.compiled_engine" in loaded
+    heavy = {"llmtool.decoder", "llmtool.pipelines.export", "torch", "transformers"}
+    assert not loaded & heavy, loaded & heavy
