@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,17 +12,23 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Exported graphs and XNNPACK weight caches of the tests stay out of the user's ~/.cache.
-os.environ.setdefault("LLMTOOL_CACHE_DIR", tempfile.mkdtemp(prefix="llmtool-tests-"))
+# Exported graphs and XNNPACK weight caches of the tests stay out of the user's ~/.cache, in a
+# folder of this run's own that is removed at the end (each run writes ~150 MB there).
+_OWN_CACHE = None
+if "LLMTOOL_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["LLMTOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmtool-tests-")
+
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """LiteRT logs INFO lines from C++ static destructors after Python finishes; keep them
-    from trailing pytest's summary line."""
+    from trailing pytest's summary line. Remove this run's cache folder."""
     import atexit
 
     from llmtool.cli import _quiet_native_exit
 
     atexit.register(_quiet_native_exit)
+    if _OWN_CACHE is not None:
+        atexit.register(shutil.rmtree, _OWN_CACHE, True)
 
 
 VOCAB = 320
