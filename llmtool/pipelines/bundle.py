@@ -85,6 +85,14 @@ def check_graph(path: str | Path) -> GraphFacts:
             if missing:
                 raise LlmToolError(f"signature {key} does not output {missing[0]}", path)
             k0 = tensors[sig.inputs["kv_cache_k_0"]].shape
+            v0 = tensors[sig.inputs["kv_cache_v_0"]].shape
+            if len(k0) != 4 or len(v0) != 4 or (k0[1], k0[2], k0[3]) != (v0[1], v0[3], v0[2]):
+                raise LlmToolError(
+                    f"signature {key}: KV caches shaped {list(k0)} / {list(v0)}; runtimes need "
+                    "K [1, heads, length, dim] and V [1, heads, dim, length] (litert-torch: "
+                    "export with the transposed KV cache layout)",
+                    path,
+                )
             facts.setdefault("layers", len(layers))
             facts.setdefault("kv_len", int(k0[2]) if len(k0) == 4 else 0)
             if "logits" in sig.outputs:

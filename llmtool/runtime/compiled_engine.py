@@ -196,6 +196,7 @@ class CompiledEngine(EngineBase):
         sigs = model.get_signature_list()
         io = {key: (v["inputs"], v["outputs"]) for key, v in sigs.items()}
         self._lengths, self.cache_names = discover_signatures(self.path, io)
+        self._no_logits = frozenset(k for k in self._lengths if "logits" not in io[k][1])
         details = model.get_input_tensor_details("decode")
         self.cache_shapes = {n: tuple(map(int, details[n]["shape"])) for n in self.cache_names}
         self.max_seq_len = int(self.cache_shapes["kv_cache_k_0"][2])
@@ -212,8 +213,9 @@ class CompiledEngine(EngineBase):
         self._lora = hold({n: create_in("decode", n) for n in self.lora_shapes})
         self._sigs: dict[str, _Signature] = {}
         for key, length in self._lengths.items():
-            ins = hold({n: create_in(key, n) for n in STEP_INPUTS})
-            outs = hold({"logits": model.create_output_buffer_by_name(key, "logits")})
+            ins = hold({n: create_in(key, n) for n in STEP_INPUTS if n in io[key][0]})
+            logits = [] if key in self._no_logits else ["logits"]
+            outs = hold({n: model.create_output_buffer_by_name(key, n) for n in logits})
             ins.update(self._caches)  # the same buffers in and out: updated in place
             ins.update(self._lora)
             outs.update(self._caches)
@@ -260,7 +262,8 @@ class CompiledEngine(EngineBase):
         ids[0, :n] = tokens
         sig.inputs["tokens"].write(ids)
         sig.inputs["input_pos"].write(np.arange(pos, pos + T, dtype=np.int32))
-        sig.inputs["mask"].write(self.causal_rows(pos, T, self.kv_len(key)))
+        if "mask" in sig.inputs:
+            sig.inputs["mask"].write(self.causal_rows(pos, T, self.kv_len(key)))
         # Padding rows (past n) write junk K/V at positions pos+n.. in place; every later query
         # masks them until the next call, which starts at pos+n, overwrites them.
         model.run_by_name(key, sig.inputs, sig.outputs)

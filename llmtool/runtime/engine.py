@@ -72,6 +72,7 @@ class _Signature:
 
 
 STEP_INPUTS = ("tokens", "input_pos", "mask")
+REQUIRED_INPUTS = ("tokens", "input_pos")
 _SIGNATURE = re.compile(r"(?:kv(\d+)_)?(decode|prefill_(\d+))")
 
 
@@ -105,8 +106,11 @@ def discover_signatures(
         parsed = parse_signature(key)
         if parsed is None or (parsed[2] is not None and not buckets):
             continue
-        missing = ({*STEP_INPUTS, *cache_names} - set(inputs)) | (
-            {"logits", *cache_names} - set(outputs)
+        # A mask input is optional (graphs that build it from input_pos); so are a prefill's
+        # logits (litert-torch's prefill returns only the caches: see EngineBase.prefill).
+        required_out = {*cache_names, *(["logits"] if parsed[0] == "decode" else [])}
+        missing = ({*REQUIRED_INPUTS, *cache_names} - set(inputs)) | (
+            required_out - set(outputs)
         )
         if missing:
             raise LlmToolError(f"signature {key!r} lacks {', '.join(sorted(missing))}", path)
@@ -149,6 +153,7 @@ class EngineBase:
     max_seq_len: int
     pos: int
     _lengths: dict[str, int]
+    _no_logits: frozenset[str] = frozenset()  # signatures that return only the caches
     lora_shapes: dict[str, tuple[int, ...]] = {}  # LoRA input name -> shape (none: no LoRA)
 
     @property
@@ -255,6 +260,11 @@ class EngineBase:
             key = self._pick(rest)
             n = min(rest, self._lengths[key])
             last = i + n == len(tokens)
+            if key in self._no_logits and (all_logits or last):
+                # A prefill without logits: the token whose logits are wanted goes through
+                # decode (every token, when all positions' logits are wanted).
+                key, n = (self._decode_key(), 1) if all_logits or n == 1 else (key, n - 1)
+                last = i + n == len(tokens)
             logits = self._run(key, tokens[i : i + n], self.pos, all_logits or last)
             if logits is not None:
                 outs.append(logits if all_logits else logits[-1:])
@@ -314,6 +324,7 @@ class Engine(EngineBase):
         io = {key: (r.get_input_details(), r.get_output_details()) for key, r in runners.items()}
         # Plain signatures only: each has its own cache tensors here (copied on every switch).
         self._lengths, self.cache_names = discover_signatures(self.path, io, buckets=False)
+        self._no_logits = frozenset(k for k in self._lengths if "logits" not in io[k][1])
         self._sigs: dict[str, _Signature] = {}
         for key, length in self._lengths.items():
             ins = {n: d["index"] for n, d in io[key][0].items()}
@@ -375,7 +386,8 @@ class Engine(EngineBase):
         ids.fill(0)
         ids[0, : len(tokens)] = tokens
         self._view(sig, "input_pos")[:] = np.arange(pos, pos + T, dtype=np.int32)
-        self._view(sig, "mask")[0, 0] = self.causal_rows(pos, T)
+        if "mask" in sig.inputs:
+            self._view(sig, "mask")[0, 0] = self.causal_rows(pos, T)
         self._wrapper.Invoke(sig.subgraph)
         # Copy back only the rows this call wrote: the rest of each cache is unchanged.
         n = len(tokens)
