@@ -792,7 +792,9 @@ def release(
     if json_out:
         print_json(summary)
     else:
-        table = Table("item", "steps", "perplexity", "decode tok/s", "peak MiB", box=None)
+        table = Table(
+            "item", "steps", "perplexity", "KL vs float", "decode tok/s", "peak MiB", box=None
+        )
         manifest = json.loads(Path(summary["manifest"]).read_text())
         for item, info in summary["items"].items():
             counts = [list(info["status"].values()).count(s) for s in ("built", "reused")]
@@ -803,6 +805,9 @@ def release(
                 f"{counts[0]} built, {counts[1]} reused"
                 + (f", [red]{len(info['failures'])} failed[/]" if info["failures"] else ""),
                 f"{quality['perplexity']:.3f}" if quality else "-",
+                f"{quality['float_reference']['mean_kl']:.2e}"
+                if quality.get("float_reference")
+                else "-",
                 f"{speed:.0f}" if speed else "-",
                 f"{info['peak_rss_mib']:.0f}",
             )

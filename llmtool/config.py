@@ -212,6 +212,7 @@ class ReleaseConfig:
     eval_text: str | None = None  # evaluation: held-out text; None: no quality line
     eval_window: int = 256
     eval_max_windows: int | None = 16
+    eval_kl: bool = True  # evaluation: also KL against the float checkpoint (transformers)
     smoke_prompt: str = "Once upon a time"
     smoke_max_tokens: int = 32  # 0: no smoke run
     # bundle: BundleConfig's token and prompt-template fields for .task / .litertlm outputs
@@ -234,7 +235,12 @@ _RELEASE_SECTIONS = {
         "prefill_len": "prefill_len",
         "kv_buckets": "kv_buckets",
     },
-    "evaluation": {"text": "eval_text", "window": "eval_window", "max_windows": "eval_max_windows"},
+    "evaluation": {
+        "text": "eval_text",
+        "window": "eval_window",
+        "max_windows": "eval_max_windows",
+        "kl": "eval_kl",
+    },
     "smoke": {"prompt": "smoke_prompt", "max_tokens": "smoke_max_tokens"},
 }
 _RELEASE_PATHS = {"input_ckpt", "vocab_model_file", "lora_ckpt", "output_dir", "eval_text"}
@@ -314,6 +320,8 @@ def load_release_config(
         value = values.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise fail(f"{key}: expected an integer (got {value!r})")
+    if not isinstance(values.get("eval_kl", True), bool):
+        raise fail("evaluation.kl: expected true or false")
     if not isinstance(values["name"], str) or not all(
         c.isalnum() or c in "._-" for c in values["name"]
     ):

@@ -115,6 +115,9 @@ def test_matrix_2x3_manifest_and_determinism(spm_model, tmp_path):
     ppl = {k: m["quality"]["perplexity"] for k, m in manifest["models"].items()}
     assert ppl["cpu-int8"] == ppl["gpu-int8"] and ppl["cpu-int4"] != ppl["cpu-float32"]
     assert all(1 < v < 10 * 320 for v in ppl.values())
+    # KL against the float checkpoint run by transformers: ~0 for float32, larger for int4.
+    kl = {k: m["quality"]["float_reference"]["mean_kl"] for k, m in manifest["models"].items()}
+    assert kl["cpu-float32"] < 1e-5 < kl["cpu-int8"] < kl["cpu-int4"]
     timings = json.loads((out / "timings.json").read_text())
     assert all(t["smoke"]["decode_tokens_per_second"] > 0 for t in timings["items"].values())
     assert "tokens_per_second" not in (out / "manifest.json").read_text()

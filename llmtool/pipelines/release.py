@@ -90,6 +90,7 @@ class ReleasePlan:
     source: dict[str, Any]  # checkpoint digest and the digest of each file
     eval_text_sha256: str | None
     tokenizer_path: str  # what convert reads the tokenizer from (for the bundles too)
+    checkpoint_dir: str  # the Hugging Face folder: the float reference of the KL line
 
     @property
     def items(self) -> list[Item]:
@@ -115,6 +116,7 @@ class ReleasePlan:
             if c.eval_text is None
             else {
                 "metric": "perplexity",
+                "kl_against": "checkpoint (float32, transformers)" if c.eval_kl else None,
                 "text_sha256": self.eval_text_sha256,
                 "window": c.eval_window,
                 "max_windows": c.eval_max_windows,
@@ -182,7 +184,7 @@ def plan_release(config: ReleaseConfig) -> ReleasePlan:
 
     folder = resolve_files(config.input_ckpt, config.ckpt_format)[0][0].parent
     vocab = config.vocab_model_file or str(folder)  # as convert does
-    return ReleasePlan(config, str(out), source, text_digest, vocab)
+    return ReleasePlan(config, str(out), source, text_digest, vocab, str(folder))
 
 
 def checkpoint_digest(config: ReleaseConfig, cache_file: Path | None = None) -> dict[str, Any]:
@@ -451,7 +453,10 @@ class _ItemBuild:
         if step == "quality":
             from llmtool.pipelines.evaluate import evaluate
 
-            r = evaluate(str(graph), c.eval_text, c.eval_window, c.eval_max_windows)
+            reference = self.plan.checkpoint_dir if c.eval_kl else None
+            r = evaluate(
+                str(graph), c.eval_text, c.eval_window, c.eval_max_windows, reference=reference
+            )
             record = {
                 "metric": "perplexity",
                 "perplexity": r["perplexity"],
@@ -461,6 +466,20 @@ class _ItemBuild:
                 "window": r["window"],
                 "text_sha256": self.plan.eval_text_sha256,
             }
+            if reference is not None:  # the float model, run by transformers
+                ref = r["reference"]
+                record["float_reference"] = {
+                    k: ref[k]
+                    for k in (
+                        "perplexity",
+                        "mean_kl",
+                        "max_kl",
+                        "top1_agreement",
+                        "greedy_tokens",
+                        "greedy_agreement",
+                        "same_tokenization",
+                    )
+                }
         else:
             from llmtool.pipelines.run import LlmInference
             from llmtool.runtime.inference import LlmInferenceOptions
