@@ -171,7 +171,7 @@ def convert(
         int | None,
         typer.Option(
             help="int4 weights: one scale per 32, 64 or 128 values of a row, or 0 for one per "
-            "row. Default 32 where it divides the row, else one per row."
+            "row. Default 32 where it divides the row, else int8 for that tensor."
         ),
     ] = None,
     lora_ckpt: Annotated[

@@ -37,7 +37,7 @@ class ConversionConfig:
     embedding_quant_bits: int | None = None
     is_symmetric: bool = True
     # int4 weights: blockwise scales every block_size values of a row (0 = one per row); None =
-    # DEFAULT_BLOCK_SIZE where it divides the row, else per row
+    # DEFAULT_BLOCK_SIZE where it divides the row, else int8 per row
     block_size: int | None = None
     lora_ckpt: str | None = None
     lora_rank: int | None = None

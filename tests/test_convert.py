@@ -107,8 +107,11 @@ def test_quantized_within_error(model_type, quantization, bits, tiny_model, conv
                 np.testing.assert_array_equal(got, value)
                 continue
             embedding = "embedding" in name or "logits_ffn" in name
-            # int4 keeps embeddings and the output layer at 8 bits unless asked otherwise
-            assert info.dtype == ("int8" if embedding else quantization), name
+            # int4 keeps embeddings and the output layer at 8 bits unless asked otherwise, and
+            # rows that are not whole blocks of 32 (the tiny Phi's 80) at 8 bits
+            whole_blocks = info.shape[-1] % 32 == 0
+            want = "int8" if embedding or not whole_blocks else quantization
+            assert info.dtype == want, name
             q = c.quantized(name)
             if q.block_size:  # one scale per block of a row
                 scale = np.repeat(q.scale, q.block_size, axis=1)
@@ -236,7 +239,8 @@ def test_output_dir_and_combine_give_identical_file(tiny_model, tmp_path):
         )
     )
     lines = [x for x in (tensor_dir / "layer_info.txt").read_text().splitlines() if x]
-    assert "mdl_vars.params.lm.transformer.x_layers_0.self_attention.q.w.int4.80_80" in lines
+    assert "mdl_vars.params.lm.transformer.x_layers_0.self_attention.q.w.int8.80_80" in lines
+    assert "mdl_vars.params.lm.transformer.x_layers_0.ff_layer.ffn_layer2.w.int4.80_160" in lines
     assert (
         tensor_dir / "params.lm.transformer.x_layers_0.self_attention.q.w_quantized_scale"
     ).is_file()

@@ -53,14 +53,16 @@ def storage_plan(
     symmetric: bool = True,
 ) -> TensorPlan:
     """How one tensor is stored. int4 matrices are blockwise: `block_size` if given (it must
-    divide the row), else DEFAULT_BLOCK_SIZE where it divides the row and one scale per row
-    where it does not (XNNPACK's blockwise kernels need whole blocks of a multiple of 32)."""
+    divide the row), else DEFAULT_BLOCK_SIZE where it divides the row; where it does not
+    (XNNPACK's blockwise kernels need whole blocks of a multiple of 32) the tensor keeps
+    int8 per channel, as llama.cpp falls back to a wider type for such rows."""
     dtype = storage_dtype(kind, bits)
     if dtype != "int4" or not symmetric or len(shape) != 2 or block_size == 0:
         return TensorPlan(name, shape, dtype)
     if block_size is None:
-        block = DEFAULT_BLOCK_SIZE if shape[1] % DEFAULT_BLOCK_SIZE == 0 else 0
-        return TensorPlan(name, shape, dtype, block_size=block)
+        if shape[1] % DEFAULT_BLOCK_SIZE:
+            return TensorPlan(name, shape, "int8")
+        return TensorPlan(name, shape, dtype, block_size=DEFAULT_BLOCK_SIZE)
     if shape[1] % block_size:
         raise LlmToolError(
             f"block size {block_size} does not divide the row length {shape[1]} of {name} "

@@ -306,7 +306,7 @@ def _already_quantized(m: ModelFile) -> str | None:
 
 def _per_row_fc_outputs(m: ModelFile, block: int, explicit: bool, src: Path) -> list[str]:
     """Output names of fully-connected ops whose float weight rows `block` does not divide
-    (they keep one scale per row); an explicit block size must divide every row."""
+    (they keep int8 per channel); an explicit block size must divide every row."""
     names = []
     for sg in m.subgraphs:
         for op in sg.operators:
@@ -370,9 +370,9 @@ def _recipe(
                 num_bits=4,
                 granularity=getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"),
             )
-        for name in per_row:  # later scopes win: these layers keep one scale per row
+        for name in per_row:  # later scopes win: rows with no whole blocks keep 8 bits
             rm.add_dynamic_config(
-                regex=f"^{re.escape(name)};$", operation_name=ops.FULLY_CONNECTED, num_bits=4
+                regex=f"^{re.escape(name)};$", operation_name=ops.FULLY_CONNECTED, num_bits=8
             )
         embedding = o.embedding_bits or 8
         if embedding in (8, 4):
