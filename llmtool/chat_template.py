@@ -157,18 +157,50 @@ class ChatTemplate:
         bos = self.special_tokens.get("bos_token")
         return text[len(bos) :] if bos and text.startswith(bos) else text
 
-    def end_of_turn(self) -> str | None:
-        """The text that closes a model turn (e.g. "<end_of_turn>"), up to its first line
-        break: where generation of a reply should stop."""
+    def role_affixes(self) -> dict[str, tuple[str, str]]:
+        """Per role, the text before and after a turn's content, as LiteRT-LM's
+        `prompt_templates` (user, model, system) want it: the runtime frames each message
+        with its role's pair. No "system" entry when the template has no turn of its own for
+        a system prompt (Gemma folds it into the user's turn, or refuses it)."""
+        affixes = self.prompt_affixes()
+        model_close = self._model_close()
+        suffix = affixes.prompt_suffix
+        if model_close and suffix.startswith(model_close):
+            user_close, model_open = model_close, suffix[len(model_close) :]
+        else:
+            user_close, model_open = suffix, ""
+        roles = {
+            "user": (affixes.prompt_prefix, user_close),
+            "model": (model_open, model_close or ""),
+        }
+        try:
+            before, after = self._split(
+                [{"role": "system", "content": _PROBE}, {"role": "user", "content": _REPLY}]
+            )
+        except LlmToolError:
+            return roles
+        between = after.split(_REPLY)[0] if _REPLY in after else ""
+        if between.endswith(affixes.prompt_prefix) and _REPLY in after:
+            roles["system"] = (
+                self._strip_bos(before),
+                between[: len(between) - len(affixes.prompt_prefix)],
+            )
+        return roles
+
+    def _model_close(self) -> str | None:
+        """Everything the template writes after a model turn's content."""
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
         try:
             text = self.render(messages, add_generation_prompt=False)
         except LlmToolError:
             return None
-        if text.count(_PROBE) != 1:
-            return None
-        after = text.split(_PROBE)[1]
-        return after.split("\n")[0].strip() or None
+        return text.split(_PROBE)[1] if text.count(_PROBE) == 1 else None
+
+    def end_of_turn(self) -> str | None:
+        """The text that closes a model turn (e.g. "<end_of_turn>"), up to its first line
+        break: where generation of a reply should stop."""
+        after = self._model_close()
+        return (after.split("\n")[0].strip() or None) if after else None
 
 
 def chat_messages(

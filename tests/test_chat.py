@@ -120,6 +120,10 @@ def test_prompt_affixes_for_bundles():
         "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n", ""
     )
     assert gemma.end_of_turn() == "<end_of_turn>"
+    assert gemma.role_affixes() == {  # no system turn of its own
+        "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
+        "model": ("<start_of_turn>model\n", "<end_of_turn>\n"),
+    }
     with pytest.raises(LlmToolError, match="System role not supported"):
         gemma.prompt_affixes("Be brief.")
 
@@ -149,9 +153,9 @@ def test_bad_templates_and_messages():
 
 
 def test_bundle_records_the_chat_template(qwen3, tmp_path):
-    """`bundle` writes the template as prompt prefix/suffix (+ session prefix) and adds its
-    end-of-turn token to the stop tokens; the .litertlm then frames a prompt exactly as
-    apply_chat_template does."""
+    """`bundle` writes the template as the .task's session prefix + prompt prefix/suffix and
+    as the .litertlm's user/model turn affixes, and adds its end-of-turn token to the stop
+    tokens; llmtool and LiteRT-LM then frame a prompt as the template does."""
     from llmtool.config import BundleConfig
     from llmtool.formats.task_bundle import read_task_bundle
     from llmtool.pipelines.bundle import bundle
@@ -159,16 +163,30 @@ def test_bundle_records_the_chat_template(qwen3, tmp_path):
     folder, model = qwen3
     task = tmp_path / "chat.task"
     summary = bundle(BundleConfig(model=str(model), output_filename=str(task)))
-    affixes = ChatTemplate(CHATML_TEMPLATE).prompt_affixes()
+    template = ChatTemplate(CHATML_TEMPLATE)
+    affixes = template.prompt_affixes()
     params = decode_llm_parameters(read_task_bundle(task, ("METADATA",))["METADATA"])
     assert params["prompt_template"] == affixes.llm_parameters()["prompt_template"]
     assert "<|im_end|>" in params["stop_tokens"] and "<|im_end|>" in summary["stop_tokens"]
+    assert template.role_affixes() == {
+        "user": ("<|im_start|>user\n", "<|im_end|>\n"),
+        "model": ("<|im_start|>assistant\n", "<|im_end|>\n"),
+        "system": ("<|im_start|>system\n", "<|im_end|>\n"),
+    }
     litertlm = tmp_path / "chat.litertlm"
     bundle(BundleConfig(model=str(model), output_filename=str(litertlm)))
+    prompt = "Where is the library?"
+    framed = affixes.prompt_prefix + prompt + affixes.prompt_suffix  # no default system turn
     options = LlmInferenceOptions(model_path=str(litertlm), max_tokens=96, num_threads=1)
     with LlmInference.create_from_options(options) as llm:
-        ids, _ = llm.prompt_ids("Where is the library?")
-    assert ids == reference_ids(folder, MESSAGES[0])
+        ids, _ = llm.prompt_ids(prompt)
+        assert ids == llm.tokenizer.encode(framed, add_bos=False)
+    litert_lm = pytest.importorskip("litert_lm")
+    engine = litert_lm.Engine(
+        str(litertlm), backend=litert_lm.Backend.CPU(thread_count=1), cache_dir=":nocache"
+    )
+    conversation = engine.create_conversation()
+    assert conversation.render_message_to_string({"role": "user", "content": prompt}) == framed
 
 
 def test_a_broken_template_is_refused_when_read(tmp_path):

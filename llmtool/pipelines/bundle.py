@@ -256,7 +256,9 @@ def _bundle_graph(
             raise LlmToolError(f"{what} token {token!r} is not in the tokenizer", where)
     session, prefix, suffix = config.system_prompt, config.prompt_prefix, config.prompt_suffix
     chat = source.chat_template
+    roles = None  # per-role (prefix, suffix) of the chat template, for LiteRT-LM's metadata
     if chat is not None and prefix is None and suffix is None:
+        roles = chat.role_affixes()
         # The model's chat template, as the fixed text the reference runtimes put around
         # each prompt, and its end-of-turn token among the stop tokens.
         session, prefix, suffix = chat_affixes(chat, config.system_prompt)
@@ -287,11 +289,21 @@ def _bundle_graph(
             meta.start_token.token_ids.ids.append(tok.runtime.bos_id)
         for token_id in [tok.runtime.token_to_id(t) for t in stops]:
             meta.stop_tokens.add().token_ids.ids.append(token_id)
-        if prefix or suffix:
-            meta.prompt_templates.user.prefix = prefix or ""
-            meta.prompt_templates.user.suffix = suffix or ""
-        if session:
-            meta.prompt_templates.system.prefix = session
+        if roles is not None:
+            # LiteRT-LM frames each message with its role's pair; a system pair would only
+            # wrap a system message given at run time, so a template's default system turn
+            # is left out here (the .task keeps it as its session prefix).
+            for role in ("user", "model"):
+                field = getattr(meta.prompt_templates, role)
+                field.prefix, field.suffix = roles[role]
+            if config.system_prompt:
+                meta.prompt_templates.system.prefix = session or ""
+        else:
+            if prefix or suffix:
+                meta.prompt_templates.user.prefix = prefix or ""
+                meta.prompt_templates.user.suffix = suffix or ""
+            if session:
+                meta.prompt_templates.system.prefix = session
         if facts.kv_len:
             meta.max_num_tokens = facts.kv_len
         write_litertlm(
