@@ -291,9 +291,10 @@ def test_merge_refuses_disagreeing_digests(spm_model, tmp_path):
 def test_config_errors_are_one_line(spm_model, tmp_path):
     runner = CliRunner()
     cases = [
-        ({"matrix": {"outputs": ["lora"]}}, "has no LoRA converter (the lora-convert pipeline)"),
+        ({"matrix": {"outputs": ["lora"]}}, "'lora' but no lora_ckpt"),
+        ({"matrix": {"outputs": ["gguf"]}}, "unknown output 'gguf'"),
         ({"matrix": {"precisions": ["int3"]}}, "unknown precision 'int3'"),
-        ({"lora_ckpt": "adapter"}, "LoRA adapters cannot be released yet"),
+        ({"lora_ckpt": "adapter"}, "lora_ckpt is given: add 'lora' to matrix.outputs"),
         ({"smoke": {"tokens": 3}}, "smoke: unknown key 'tokens'"),
     ]
     for sections, message in cases:
@@ -304,3 +305,36 @@ def test_config_errors_are_one_line(spm_model, tmp_path):
     path = write_config(tmp_path, spm_model)
     result = runner.invoke(app, ["release", "--config", str(path), "--only", "gpu-int8"])
     assert result.exit_code == 2 and "no item 'gpu-int8'" in result.output
+
+
+def test_lora_adapter_per_item(spm_model, tmp_path):
+    """An adapter gives each item a LoRA file (lora-convert over that item's container) and a
+    graph with LoRA inputs that the smoke run drives; a changed adapter rebuilds only those."""
+    from llmtool.pipelines.lora_convert import lora_convert
+    from tests.test_lora import peft_adapter
+
+    peft_adapter(spm_model, tmp_path / "adapter", 1, r=4, lora_alpha=8, target_modules="all-linear")
+    matrix = {
+        "backends": ["cpu"],
+        "precisions": ["int8"],
+        "outputs": ["container", "lora", "graph"],
+    }
+    path = write_config(
+        tmp_path, spm_model, matrix=matrix, lora_ckpt=str(tmp_path / "adapter"), lora_rank=4
+    )
+    summary = rel.release(plan(path))
+    assert summary["failures"] == [] and summary["items"]["cpu-int8"]["smoke"]["generated_tokens"]
+    out = tmp_path / "dist"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["lora_sha256"]
+    by_kind = {a["kind"]: a for a in manifest["artifacts"]}
+    assert by_kind["lora"]["path"] == "tiny-cpu-int8.lora.bin"
+    assert by_kind["graph"]["settings"]["lora_rank"] == by_kind["lora"]["settings"]["stored_rank"]
+    lora_convert(tmp_path / "adapter", out / "tiny-cpu-int8.bin", tmp_path / "direct.lora.bin")
+    assert (tmp_path / "direct.lora.bin").read_bytes() == (
+        out / "tiny-cpu-int8.lora.bin"
+    ).read_bytes()
+
+    peft_adapter(spm_model, tmp_path / "adapter", 2, r=4, lora_alpha=8, target_modules="all-linear")
+    status = rel.release(plan(path))["items"]["cpu-int8"]["status"]
+    assert status == {"container": "reused", "lora": "built", "graph": "built", "smoke": "built"}

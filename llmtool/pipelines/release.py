@@ -60,10 +60,12 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "int4-channel": {"quantization": "int4", "block_size": 0},  # one scale per row
 }
 # Output kind -> file extension. Kinds are built in this order (each from the one before).
-OUTPUTS = {"container": ".bin", "graph": ".tflite", "task": ".task", "litertlm": ".litertlm"}
-# Kinds whose pipeline this llmtool does not have yet: refused with this reason.
-MISSING_OUTPUTS = {
-    "lora": "LoRA converter (the lora-convert pipeline)",
+OUTPUTS = {
+    "container": ".bin",
+    "lora": ".lora.bin",  # the adapter (lora_ckpt) converted for this item's container
+    "graph": ".tflite",  # with LoRA inputs when the release has an adapter
+    "task": ".task",
+    "litertlm": ".litertlm",
 }
 
 
@@ -139,19 +141,12 @@ def check_config(config: ReleaseConfig) -> None:
         if p not in PRECISIONS:
             raise fail(f"matrix.precisions: unknown precision {p!r} (use {', '.join(PRECISIONS)})")
     for o in config.outputs:
-        if o in MISSING_OUTPUTS:
-            raise fail(
-                f"matrix.outputs: {o!r} cannot be built: this llmtool has no "
-                f"{MISSING_OUTPUTS[o]} yet"
-            )
         if o not in OUTPUTS:
-            known = ", ".join([*OUTPUTS, *MISSING_OUTPUTS])
-            raise fail(f"matrix.outputs: unknown output {o!r} (use {known})")
-    if config.lora_ckpt is not None or config.lora_rank is not None:
-        raise fail(
-            "lora_ckpt: LoRA adapters cannot be released yet: this llmtool has no "
-            f"{MISSING_OUTPUTS['lora']}"
-        )
+            raise fail(f"matrix.outputs: unknown output {o!r} (use {', '.join(OUTPUTS)})")
+    if "lora" in config.outputs and config.lora_ckpt is None:
+        raise fail("matrix.outputs has 'lora' but no lora_ckpt (the PEFT adapter) is given")
+    if config.lora_ckpt is not None and "lora" not in config.outputs:
+        raise fail("lora_ckpt is given: add 'lora' to matrix.outputs")
     limit = config.max_seq_len
     if (limit is not None and limit < 2) or config.prefill_len < 1:
         raise fail("export: max_seq_len must be at least 2 and prefill_len at least 1")
@@ -184,7 +179,23 @@ def plan_release(config: ReleaseConfig) -> ReleasePlan:
 
     folder = resolve_files(config.input_ckpt, config.ckpt_format)[0][0].parent
     vocab = config.vocab_model_file or str(folder)  # as convert does
+    if config.lora_ckpt is not None:
+        source = {**source, **lora_digest(config.lora_ckpt)}
     return ReleasePlan(config, str(out), source, text_digest, vocab, str(folder))
+
+
+def lora_digest(lora_ckpt: str) -> dict[str, Any]:
+    """sha256 of the adapter's files (weights and adapter_config.json), and one of all."""
+    path = Path(lora_ckpt)
+    folder = path if path.is_dir() else path.parent
+    names = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+    files = [folder / n for n in names if (folder / n).is_file()]
+    if path.is_file() and path not in files:
+        files.append(path)
+    if not any(f.name != "adapter_config.json" for f in files):
+        raise LlmToolError("no LoRA adapter here (adapter_model.safetensors or .bin)", path)
+    digests = {f"lora/{f.name}": _file_sha256(f) for f in sorted(files)}
+    return {"lora_sha256": _digest(digests), "lora_files": digests}
 
 
 def checkpoint_digest(config: ReleaseConfig, cache_file: Path | None = None) -> dict[str, Any]:
@@ -255,6 +266,7 @@ class _ItemBuild:
         self.state = _read_json(self.state_file) if not force else {}
         self.state.setdefault("steps", {})
         self.files: dict[str, Path] = {}  # kind -> a built or reused file
+        self.records: dict[str, dict[str, Any]] = {}  # kind -> its manifest record
         self.failed: dict[str, str] = {}
         self.result = ItemResult(item.id, item.backend, item.precision)
         self.keys = self._keys()
@@ -270,6 +282,7 @@ class _ItemBuild:
                 "precision": self.item.precision,
                 **PRECISIONS[self.item.precision],
             },
+            "lora": {"lora_rank": c.lora_rank, "backend": self.item.backend},
             "graph": {
                 "max_seq_len": c.max_seq_len,
                 "prefill_len": c.prefill_len,
@@ -285,7 +298,11 @@ class _ItemBuild:
         s = self._settings()
         base = {"llmtool": __version__, "source": self.plan.source["checkpoint_sha256"]}
         keys = {"container": _digest({**base, **s["container"]})}
-        keys["graph"] = _digest({"from": keys["container"], **s["graph"]})
+        keys["lora"] = _digest(
+            {"from": keys["container"], "adapter": self.plan.source.get("lora_sha256"), **s["lora"]}
+        )
+        lora_from = keys["lora"] if self.plan.config.lora_ckpt else None
+        keys["graph"] = _digest({"from": keys["container"], "lora": lora_from, **s["graph"]})
         keys["task"] = _digest({"from": keys["graph"], **s["task"]})
         keys["litertlm"] = _digest({"from": keys["graph"], **s["litertlm"]})
         keys["quality"] = _digest({"from": keys["graph"], **s["quality"]})
@@ -345,6 +362,7 @@ class _ItemBuild:
         ):
             self.result.status[kind] = "reused"
             self.result.artifacts.append(recorded["record"])
+            self.records[kind] = recorded["record"]
             self.files[kind] = final
             return final
         try:
@@ -375,6 +393,7 @@ class _ItemBuild:
         self._save_state()
         self.result.status[kind] = "built"
         self.result.artifacts.append(record)
+        self.records[kind] = record
         self.files[kind] = final
         return final
 
@@ -415,12 +434,29 @@ class _ItemBuild:
             from llmtool.pipelines.export import ExportOptions, export_graph
 
             source = self._artifact("container")
-            options = ExportOptions(c.max_seq_len, c.prefill_len, c.kv_buckets)
+            lora: dict[str, Any] = {}
+            if c.lora_ckpt is not None:  # the graph takes this item's LoRA file
+                self._artifact("lora")
+                adapter = self.records["lora"]["settings"]
+                lora = {
+                    "lora_rank": adapter["stored_rank"],
+                    "lora_targets": tuple(adapter["targets"]),
+                }
+            options = ExportOptions(c.max_seq_len, c.prefill_len, c.kv_buckets, **lora)
             summary = export_graph(source, target, options, forward)
             exact = {
                 k: summary.get(k)
-                for k in ("max_seq_len", "prefill_len", "kv_buckets", "signatures")
+                for k in ("max_seq_len", "prefill_len", "kv_buckets", "signatures", "lora_rank")
             }
+            return target, {**exact, "built_from_sha256": _file_sha256(source)}
+        if kind == "lora":
+            from llmtool.pipelines.lora_convert import lora_convert
+
+            source = self._artifact("container")
+            summary = lora_convert(
+                c.lora_ckpt, source, target, c.lora_rank, self.item.backend, forward
+            )
+            exact = {k: summary[k] for k in ("rank", "stored_rank", "scale", "targets", "modules")}
             return target, {**exact, "built_from_sha256": _file_sha256(source)}
         if kind in ("task", "litertlm"):
             from llmtool.config import BundleConfig
@@ -484,8 +520,9 @@ class _ItemBuild:
             from llmtool.pipelines.run import LlmInference
             from llmtool.runtime.inference import LlmInferenceOptions
 
+            lora = str(self._artifact("lora")) if c.lora_ckpt is not None else None
             options = LlmInferenceOptions(
-                model_path=str(graph), max_tokens=c.smoke_max_tokens, top_k=1
+                model_path=str(graph), max_tokens=c.smoke_max_tokens, top_k=1, lora_path=lora
             )
             with LlmInference.create_from_options(options) as llm:
                 result = llm.generate(c.smoke_prompt).as_dict()
