@@ -73,6 +73,23 @@ def test_container_modes(converted, tmp_path):
         assert r["same_tokenization"] is True
 
 
+def test_full_int8_of_a_container_writes_a_graph_that_runs(converted, tmp_path):
+    src = converted("LLAMA")
+    text = tmp_path / "t.txt"
+    text.write_text(EXCERPT.read_text()[:400])
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text("\n".join(EXCERPT.read_text()[400:1400].split(". ")[:3]))
+    out = tmp_path / "full.tflite"
+    summary = quantize_model(
+        src, out, QuantizeOptions(mode="full-int8", calibration_data=str(calibration))
+    )
+    assert summary["kind"] == "graph" and summary["decoder_graph"]
+    r = evaluate(str(out), text, window=32, max_windows=1, reference=str(src))["reference"]
+    assert 0 < r["mean_kl"] < 0.2 and r["same_tokenization"]
+    with pytest.raises(LlmToolError, match="writes a graph"):
+        quantize_model(src, tmp_path / "x.bin", QuantizeOptions("full-int8", None, str(text)))
+
+
 def test_requantizing_needs_the_float_source(converted, tmp_path):
     int8, float32 = converted("LLAMA", "int8"), converted("LLAMA")
     out = tmp_path / "q4.bin"
