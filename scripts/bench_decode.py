@@ -412,7 +412,7 @@ def llama_env(args: argparse.Namespace) -> dict[str, str]:
 def measure_llama_sweep(
     tools: dict[str, Path], gguf: Path, args: argparse.Namespace, positions: list[int]
 ) -> tuple[dict, float, float]:
-    """llama-bench: decode of N tokens at each depth, and prefill of prompts of each length."""
+    """llama-bench: decode of N tokens at each depth, and prefill of --prefill-at prompts."""
     base = [str(tools["llama-bench"]), "-m", str(gguf), "-t", str(args.threads), "-r", "1",
             "-o", "json"]  # fmt: skip
     if "build-noamx" not in str(tools["llama-bench"]):
@@ -422,7 +422,7 @@ def measure_llama_sweep(
     seconds = rss = 0.0
     for cmd in (
         [*base, "-p", "0", "-n", str(args.decode_tokens), "-d", depths],
-        [*base, "-p", ",".join(map(str, positions)), "-n", "0"],
+        [*base, "-p", args.prefill_at, "-n", "0"],
     ):
         out, sec, peak = run_child(cmd, llama_env(args))
         seconds, rss = seconds + sec, max(rss, peak)
@@ -571,6 +571,9 @@ def sweep_main(args: argparse.Namespace) -> None:
                 runs[name].append(job())
             except (RuntimeError, ValueError, KeyError) as exc:
                 log(f"  failed: {str(exc).strip().splitlines()[-1][:300]}")
+                continue
+            result, _, rss = runs[name][-1]  # also logged as it comes: runs are long
+            log(f"  {json.dumps({**result, 'rss_gb': round(rss, 3), 'load': os.getloadavg()})}")
     results: dict[str, Any] = {}
     for (shape, q, engine), values in runs.items():
         if not values:
@@ -651,6 +654,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="gemma", help="gemma, narrow, llama1b (comma-separated)")
     ap.add_argument("--precisions", default="int8,int4")
     ap.add_argument("--context", type=int, default=8192, help="max tokens asked of `run`")
+    ap.add_argument("--prefill-at", default="2000", help="llama.cpp prompt lengths to time")
     args = ap.parse_args()  # fmt: skip
     # Exported graphs and XNNPACK weight caches of the benchmark stay in its work folder.
     os.environ.setdefault("LLMTOOL_CACHE_DIR", str(args.work / "cache"))
