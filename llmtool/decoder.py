@@ -403,6 +403,18 @@ class _Decoder:
         neg = g.scalar(MASKED)
         return g.op("SELECT_V2", [hidden, neg, mask], (1, T, S))
 
+    def window_rows(self, g: _Subgraph, ctx: dict[str, int], T: int, S: int) -> int:
+        """Indices [n] of the cache rows a sliding layer's T queries can see, n = window + T - 1
+        rows starting at clamp(input_pos[0] - window + 1, 0, S - n); shared by the layers."""
+        n = int(self.spec.sliding_window) + T - 1
+        key = f"window_rows{S}"
+        if key not in ctx:
+            first = g.sub(ctx["pos0"], g.ints([n - T]))
+            first = g.op("MAXIMUM", [first, g.ints([0])], (1,), "int32")
+            first = g.op("MINIMUM", [first, g.ints([S - n])], (1,), "int32")
+            ctx[key] = g.add(g.ints(list(range(n))), first)
+        return ctx[key]
+
     def linear(
         self, g: _Subgraph, x: int, roles: list[str], layer: int | None, bias: bool
     ) -> list[int]:
@@ -488,6 +500,21 @@ class _Decoder:
             k_all = g.slice(k_all, (0, 0, start, 0), (1, KVH, end - start, D))
             v_all = g.slice(v_all, (0, 0, 0, start), (1, KVH, D, end - start))
             S = end - start
+        mask = ctx["mask_sliding"] if sliding else ctx["mask"]
+        if sliding and not spec.alibi and spec.sliding_window + T - 1 < S:
+            # A sliding layer reads only the cache rows its window can see, so its cost follows
+            # the window, not the cache: rows [b, b + n) gathered at a position-dependent b.
+            idx = self.window_rows(g, ctx, T, S)
+            n = g.shape(idx)[0]
+            gather = {"batch_dims": 0}
+            k_all = g.op("GATHER", [k_all, idx], (1, KVH, n, D), options={"axis": 2, **gather})
+            v_all = g.op("GATHER", [v_all, idx], (1, KVH, D, n), options={"axis": 3, **gather})
+            if f"mask_window{S}" not in ctx:  # one gather of the mask for all sliding layers
+                ctx[f"mask_window{S}"] = g.op(
+                    "GATHER", [mask, idx], (1, T, n), options={"axis": 2, **gather}
+                )
+            mask = ctx[f"mask_window{S}"]
+            S = n
 
         # Scores for the query heads of each kv head at once: [KVH, G*T, S].
         qg = g.reshape(g.transpose(q, (1, 0, 2)), (KVH, G * T, D))
@@ -495,7 +522,7 @@ class _Decoder:
         scores = g.reshape(scores, (NH, T, S))
         if spec.attn_softcap:
             scores = self.softcap(g, scores, spec.attn_softcap)
-        scores = g.add(scores, ctx["mask_sliding"] if sliding else ctx["mask"])
+        scores = g.add(scores, mask)
         if spec.alibi:
             scores = g.add(scores, ctx["alibi"])
         probs = g.op("SOFTMAX", [scores], (NH, T, S), options={"beta": 1.0})
@@ -524,7 +551,7 @@ class _Decoder:
         mask_in = g.input("mask", (1, 1, T, L))
 
         ctx: dict[str, int] = {"mask": g.reshape(mask_in, (1, T, L)), "kv_len": L}
-        pos0 = g.slice(input_pos, (0,), (1,))
+        pos0 = ctx["pos0"] = g.slice(input_pos, (0,), (1,))
         ctx["k_start"] = g.concat([g.ints([0, 0]), pos0, g.ints([0])], axis=0)
         ctx["v_start"] = g.concat([g.ints([0, 0, 0]), pos0], axis=0)
         if spec.rotary_dims:
