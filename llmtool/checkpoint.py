@@ -189,10 +189,15 @@ class Checkpoint:
 
     def config(self) -> tuple[dict[str, Any], Path]:
         """The config.json beside the checkpoint files."""
-        path = self.directory / "config.json"
-        if not path.is_file():
-            raise LlmToolError("config.json not found beside the checkpoint", self.directory)
-        return read_json(path), path
+        return read_config(self.directory)
+
+
+def read_config(directory: Path) -> tuple[dict[str, Any], Path]:
+    """The config.json of a checkpoint folder, and its path."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise LlmToolError("config.json not found beside the checkpoint", directory)
+    return read_json(path), path
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -229,6 +234,13 @@ def _torch_load(path: Path) -> dict[str, Any]:
         mmap = zipfile.is_zipfile(path)  # the legacy (non-zip) format cannot be mmapped
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
+        if "weights_only" in str(exc):  # torch refused a pickled object that is not a tensor
+            # Never pass on torch's advice to retry with weights_only=False: that runs the code.
+            raise LlmToolError(
+                "the file holds Python objects (code), not just tensors; llmtool will not load "
+                "it. Convert it to safetensors in an environment you trust, then convert that",
+                path,
+            ) from None
         raise LlmToolError(f"cannot read pytorch checkpoint ({_short(exc)})", path) from None
     if not isinstance(state, dict):
         raise LlmToolError("pytorch checkpoint is not a state dict", path)

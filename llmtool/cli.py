@@ -383,7 +383,10 @@ def export(
             "Default: the model's context, at most 8192."
         ),
     ] = None,
-    prefill_len: Annotated[int, typer.Option(help="Tokens per prefill call.")] = 64,
+    prefill_len: Annotated[
+        int | None,
+        typer.Option(help="Tokens per prefill call (default 64, at most --max-seq-len)."),
+    ] = None,
     kv_buckets: Annotated[
         str | None,
         typer.Option(
@@ -622,7 +625,8 @@ def run(
     from llmtool.runtime.inference import LlmInferenceOptions, SafetyFilter
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        # Bytes that are not UTF-8 become U+FFFD (argv's do too, in the runtime).
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     options = LlmInferenceOptions(
         model_path=str(model) if model else None,
         max_tokens=max_tokens,

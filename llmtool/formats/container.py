@@ -12,7 +12,7 @@ flatbuffer in aligned blocks (see tflite_model.py); metadata entries are named b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +115,14 @@ class ContainerWriter:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def write(self, fill: Callable[[TensorPlan], np.ndarray | QuantizedTensor]) -> None:
+    def write(
+        self,
+        fill: Callable[[TensorPlan], np.ndarray | QuantizedTensor],
+        inputs: Iterable[str | Path | None] = (),
+    ) -> None:
         """Call `fill(entry)` for each planned tensor in order, check and write it, then
-        finish the file atomically. Only one tensor is held in memory at a time."""
+        finish the file atomically (llmtool.files.atomic_output; an output that is one of
+        `inputs` is refused). Only one tensor is held in memory at a time."""
         writer = ModelWriter(description=f"llmtool weights container: {self.subgraph_name}")
         tensors: list[Tensor] = []
         pending_scales: dict[str, np.ndarray] = {}
@@ -144,8 +149,7 @@ class ContainerWriter:
         writer.add_subgraph(Subgraph(self.subgraph_name, tensors, [], [], []))
         for name in sorted(self.metadata):
             writer.add_metadata(name, self.metadata[name])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer.write(self.path, alignment=self.alignment)
+        writer.write(self.path, alignment=self.alignment, inputs=inputs)
 
     def _filler(
         self,

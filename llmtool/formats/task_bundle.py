@@ -10,7 +10,6 @@ zipalign). Timestamps and attributes are fixed, so the same inputs give byte-ide
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import zipfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtool.errors import LlmToolError
+from llmtool.files import atomic_output
 from llmtool.formats import metadata as keys
 from llmtool.formats.llm_params import decode_llm_parameters, encode_llm_parameters
 from llmtool.formats.tflite_model import read_model
@@ -93,20 +93,12 @@ def write_task_bundle(
     if not tokenizer_model:
         raise LlmToolError("the tokenizer model is empty", path)
     decode_llm_parameters(llm_parameters)  # raises LlmToolError on bytes that do not parse
-    if path.is_dir():
-        raise LlmToolError("output is a directory", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path, inputs=[tflite_model]) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             with open(tflite_model, "rb") as src:
                 _add_entry(zf, TFLITE_ENTRY, tflite_model.stat().st_size, src)
             _add_entry(zf, TOKENIZER_ENTRY, len(tokenizer_model), bytes(tokenizer_model))
             _add_entry(zf, METADATA_ENTRY, len(llm_parameters), bytes(llm_parameters))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmtool.errors import LlmToolError
+from llmtool.files import write_bytes
 from llmtool.formats.container import TensorPlan
 from llmtool.quantization import QuantizedTensor
 
@@ -33,30 +34,31 @@ class TensorDir:
 
     def write(self, entry: TensorPlan, value: np.ndarray | QuantizedTensor) -> None:
         if isinstance(value, QuantizedTensor):
-            (self.path / entry.name).write_bytes(value.data.tobytes())
-            (self.path / f"{entry.name}_quantized_scale").write_bytes(
-                value.scale.astype("<f4").tobytes()
+            write_bytes(self.path / entry.name, value.data.tobytes(), fsync=False)
+            write_bytes(
+                self.path / f"{entry.name}_quantized_scale",
+                value.scale.astype("<f4").tobytes(),
+                fsync=False,
             )
-            (self.path / f"{entry.name}_quantized_zp").write_bytes(
-                value.zero_point.astype("<i4").tobytes()
+            write_bytes(
+                self.path / f"{entry.name}_quantized_zp",
+                value.zero_point.astype("<i4").tobytes(),
+                fsync=False,
             )
         else:
-            (self.path / entry.name).write_bytes(value.tobytes())
+            write_bytes(self.path / entry.name, value.tobytes(), fsync=False)
 
     def finish(self, plan: list[TensorPlan], metadata: dict[str, bytes]) -> None:
         """Write the metadata files, then layer_info.txt (last: it marks a complete folder)."""
         meta_dir = self.path / METADATA_DIR
         meta_dir.mkdir(exist_ok=True)
         for key, data in metadata.items():
-            (meta_dir / key).parent.mkdir(parents=True, exist_ok=True)
-            (meta_dir / key).write_bytes(data)
+            write_bytes(meta_dir / key, data, fsync=False)
         lines = []
         for e in plan:
             dims = "_".join(str(d) for d in e.shape)
             lines.append(f"mdl_vars.{e.name}.{e.dtype}.{dims}\n\n")
-        tmp = self.path / (LAYER_INFO + ".tmp")
-        tmp.write_text("".join(lines))
-        tmp.replace(self.path / LAYER_INFO)
+        write_bytes(self.path / LAYER_INFO, "".join(lines).encode())
 
 
 def read_layer_info(folder: Path) -> list[TensorPlan]:

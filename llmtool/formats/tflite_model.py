@@ -17,9 +17,8 @@ more, after all data is written, with the final values.
 from __future__ import annotations
 
 import io
-import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from llmtool.errors import LlmToolError
+from llmtool.files import atomic_output
 
 FILE_IDENTIFIER = b"TFL3"
 SCHEMA_VERSION = 3
@@ -601,19 +601,18 @@ class ModelWriter:
         self._emit(f, alignment)
         return f.getvalue()
 
-    def write(self, path: str | Path, alignment: int = DEFAULT_ALIGNMENT) -> int:
-        """Write the model atomically (temp file in the same folder, then rename); returns size."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                size = self._emit(f, alignment)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def write(
+        self,
+        path: str | Path,
+        alignment: int = DEFAULT_ALIGNMENT,
+        inputs: Iterable[str | Path | None] = (),
+    ) -> int:
+        """Write the model atomically (llmtool.files.atomic_output); returns its size.
+
+        `inputs` are the files it is made from: an output that is one of them is refused.
+        """
+        with atomic_output(path, inputs) as tmp, open(tmp, "wb") as f:
+            size = self._emit(f, alignment)
         return size
 
 

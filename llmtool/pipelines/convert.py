@@ -18,9 +18,10 @@ import numpy as np
 
 from llmtool._version import __version__
 from llmtool.architectures import check_config_matches, get_architecture
-from llmtool.checkpoint import Checkpoint
+from llmtool.checkpoint import Checkpoint, read_config, resolve_files
 from llmtool.config import DEFAULT_BLOCK_SIZE, ConversionConfig
 from llmtool.errors import LlmToolError
+from llmtool.files import refuse_overlap
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import ContainerWriter, TensorPlan
 from llmtool.formats.llm_params import encode_llm_parameters, llm_parameters
@@ -101,15 +102,16 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
         return summary
 
     arch = get_architecture(config.model_type)  # type: ignore[arg-type]
-    ckpt = Checkpoint.open(config.input_ckpt, config.ckpt_format)  # type: ignore[arg-type]
-    cfg, cfg_path = ckpt.config()
+    # Everything cheap is checked before the checkpoint is opened (which loads torch).
+    files, ckpt_format = resolve_files(config.input_ckpt, config.ckpt_format)  # type: ignore
+    directory = files[0].parent
+    cfg, cfg_path = read_config(directory)
     check_config_matches(arch, cfg, str(cfg_path))
     spec = arch.spec(cfg, str(cfg_path))
-    planned, ignored = plan_weights(arch, spec, ckpt)
 
-    vocab_path = Path(config.vocab_model_file) if config.vocab_model_file else ckpt.directory
+    vocab_path = Path(config.vocab_model_file) if config.vocab_model_file else directory
     tok_files = read_tokenizer_files(vocab_path)
-    generation_config = ckpt.directory / "generation_config.json"
+    generation_config = directory / "generation_config.json"
     if "generation_config.json" not in tok_files and generation_config.is_file():
         tok_files["generation_config.json"] = generation_config.read_bytes()
     tokenizer = Tokenizer.from_files(tok_files)
@@ -119,6 +121,13 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
             f"{spec.vocab_size}",
             vocab_path,
         )
+    output = Path(config.output_tflite_file)  # type: ignore[arg-type]
+    tokenizer_inputs = [vocab_path] if vocab_path.is_file() else []
+    tokenizer_inputs += [vocab_path / name for name in tok_files] if vocab_path.is_dir() else []
+    inputs = [*files, cfg_path, generation_config, *tokenizer_inputs]
+    refuse_overlap(output, inputs)
+    ckpt = Checkpoint(files, ckpt_format)
+    planned, ignored = plan_weights(arch, spec, ckpt)
 
     bits = config.bits()
     conversion = {
@@ -159,10 +168,8 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
         progress(done, len(plan), entry.name)
         return value
 
-    output = Path(config.output_tflite_file)  # type: ignore[arg-type]
-    output.parent.mkdir(parents=True, exist_ok=True)
     with ContainerWriter(output, spec.model_type, plan, metadata) as writer:
-        writer.write(fill)
+        writer.write(fill, inputs=inputs)
     if tensor_dir is not None:
         tensor_dir.finish(plan, metadata)
 
@@ -209,9 +216,10 @@ def combine_output_dir(folder: Path, output: Path, progress: Progress) -> dict[s
         progress(plan.index(entry), len(plan), entry.name)
         return read_tensor(folder, entry)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    inputs = [p for p in folder.rglob("*") if p.is_file()]
+    refuse_overlap(output, inputs)
     with ContainerWriter(output, spec.model_type, plan, metadata) as writer:
-        writer.write(fill)
+        writer.write(fill, inputs=inputs)
     progress(len(plan), len(plan), "done")
     return {
         "output": str(output),

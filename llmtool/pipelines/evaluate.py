@@ -134,6 +134,8 @@ def evaluate(
         raise LlmToolError(f"cannot read text ({exc})", path) from None
     if window < 2:
         raise LlmToolError(f"window must be at least 2 tokens (got {window})")
+    if max_windows is not None and max_windows < 1:
+        raise LlmToolError(f"max windows must be at least 1 (got {max_windows})")
     cand = _LiteRtScorer(model, window, num_threads)
     ref = _reference_scorer(reference, window, num_threads) if reference else None
     tok = cand.tokenizer

@@ -19,6 +19,7 @@ from typing import Any
 
 from llmtool.decoder import build_graph
 from llmtool.errors import LlmToolError
+from llmtool.files import refuse_overlap
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.lora_file import LORA_ROLES, base_identity
@@ -27,13 +28,14 @@ from llmtool.pipelines.resolve import DEFAULT_MAX_SEQ_LEN
 from llmtool.spec import ModelSpec
 
 FIRST_BUCKET = 256  # the smallest KV bucket; each next one doubles, below the cache length
+DEFAULT_PREFILL_LEN = 64
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     # KV cache length S (clamped to the model's max positions); None: DEFAULT_MAX_SEQ_LEN
     max_seq_len: int | None = None
-    prefill_len: int = 64  # tokens per prefill call
+    prefill_len: int | None = None  # tokens per prefill call; None: 64, at most S
     kv_buckets: tuple[int, ...] | None = None  # attended lengths L < S; None: default_buckets
     lora_rank: int = 0  # > 0: LoRA inputs of this rank on the lora_targets projections
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # roles (formats/lora_file.LORA_ROLES)
@@ -77,6 +79,8 @@ def export_graph(
     """Write the prefill/decode graph of a converted container; returns a summary."""
     options = options or ExportOptions()
     report = progress or (lambda done, total, what: None)
+    output = Path(output_path)
+    refuse_overlap(output, [container_path])
     with Container.open(container_path) as c:
         if keys.MODEL_SPEC not in c.metadata:
             raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
@@ -84,7 +88,11 @@ def export_graph(
         S = min(options.max_seq_len or DEFAULT_MAX_SEQ_LEN, spec.max_positions)
         if S < 2:
             raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
-        T = max(1, min(options.prefill_len, S))
+        T = min(DEFAULT_PREFILL_LEN, S) if options.prefill_len is None else options.prefill_len
+        if not 1 <= T <= S:
+            raise LlmToolError(
+                f"prefill length must be between 1 and the KV cache length {S} (got {T})"
+            )
         buckets = default_buckets(S) if options.kv_buckets is None else options.kv_buckets
         signatures = plan_signatures(S, T, buckets, options.short_prefill_len)
         rank, targets = options.lora_rank, _lora_targets(spec, options)
@@ -103,9 +111,7 @@ def export_graph(
             graph_info |= {"lora_rank": rank, "lora_targets": list(targets)}
         writer.add_metadata(keys.GRAPH, json.dumps(graph_info, sort_keys=True).encode())
         report(len(signatures), len(signatures) + 1, "writing")
-        output = Path(output_path)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        writer.write(output)
+        writer.write(output, inputs=[container_path])
         report(len(signatures) + 1, len(signatures) + 1, "done")
     return {
         "output": str(output),

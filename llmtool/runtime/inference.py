@@ -7,14 +7,18 @@ into a graph: the runtime itself never exports or reads checkpoints.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +56,100 @@ class LlmInferenceOptions:
     safety_filter: list[str] = field(default_factory=list)  # refuse / stop on these words
 
     def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise LlmToolError(f"max tokens must be at least 2 (got {self.max_tokens})")
+        """Every option's type and range; the messages are the CLI's (one line each)."""
+        if self.model_path is not None and not isinstance(self.model_path, (str, os.PathLike)):
+            raise LlmToolError(f"model_path must be a path (got {_kind(self.model_path)})")
+        check_int("max tokens", self.max_tokens, minimum=2, optional=True)
+        check_int("top-k", self.top_k, minimum=1)
+        check_int("random seed", self.random_seed)
+        check_int("context window", self.context_window, minimum=1, optional=True)
+        check_int("num threads", self.num_threads, 1, max_threads(), optional=True)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, Real):
+            raise LlmToolError(f"temperature must be a number (got {_kind(self.temperature)})")
         validate_sampling(self.top_k, self.temperature)
+        for name in ("result_listener", "error_listener"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise LlmToolError(f"{name} must be a function (got {_kind(value)})")
+        words = self.safety_filter
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise LlmToolError("safety_filter must be a list of words (str)")
+
+
+def max_threads() -> int:
+    """The most interpreter threads accepted: 4 per core (more only thrashes, and very large
+    counts crash the native runtime)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _kind(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def check_int(
+    name: str,
+    value: object,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    optional: bool = False,
+) -> None:
+    """A one-line LlmToolError unless value is an int (not a bool) within [minimum, maximum]."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise LlmToolError(f"{name} must be a whole number (got {_kind(value)})")
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise LlmToolError(f"{name} must be between {minimum} and {maximum} (got {value})")
+    if minimum is not None and value < minimum:
+        raise LlmToolError(f"{name} must be at least {minimum} (got {value})")
+
+
+def clean_text(text: object, what: str = "the prompt") -> str:
+    """A str safe to tokenize: lone surrogates (undecodable bytes that reached Python through
+    argv or surrogateescape) become U+FFFD, as a UTF-8 decoder with errors="replace" does."""
+    if not isinstance(text, str):
+        hint = (
+            "; decode it first, e.g. data.decode('utf-8', 'replace')"
+            if isinstance(text, (bytes, bytearray))
+            else ""
+        )
+        raise LlmToolError(f"{what} must be a str (got {type(text).__name__}){hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
+
+
+def clean_prompt(prompt: object) -> Any:
+    """A str prompt (see clean_text), or a list of {"role": str, "content": str} messages."""
+    if isinstance(prompt, list):
+        out = []
+        for m in prompt:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+                raise LlmToolError(
+                    'a chat prompt must be a list of {"role": str, "content": str} messages'
+                )
+            out.append({**m, "content": clean_text(m.get("content", ""), "a message's content")})
+        return out
+    return clean_text(prompt)
+
+
+# Sessions with generate_response_async work in flight; finished (joined) at interpreter exit.
+_live_sessions: weakref.WeakSet[InferenceSession] = weakref.WeakSet()
+
+
+def _finish_all_sessions() -> None:
+    """At interpreter exit: cancel and join background generations before the runtime's native
+    objects are torn down (a thread still inside LiteRT then aborts the process)."""
+    for session in list(_live_sessions):
+        session._stop_workers()
+
+
+if hasattr(threading, "_register_atexit"):  # runs before non-daemon threads are joined
+    threading._register_atexit(_finish_all_sessions)
+else:  # pragma: no cover - older interpreters
+    atexit.register(_finish_all_sessions)
 
 
 @dataclass
@@ -62,7 +157,7 @@ class GenerationResult:
     text: str
     prompt_token_ids: list[int]
     token_ids: list[int]
-    stop_reason: str  # "stop_token" | "max_tokens" | "safety_filter"
+    stop_reason: str  # "stop_token" | "max_tokens" | "safety_filter" | "cancelled"
     prompt_truncated: int  # prompt tokens dropped to fit the context window
     prefill_seconds: float
     decode_seconds: float
@@ -141,6 +236,9 @@ class InferenceSession:
         self.graph_path = graph_path
         self.safety = SafetyFilter(options.safety_filter)
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._workers: set[threading.Thread] = set()
+        self._closed = False
         self.lora_path: Path | None = None  # the adapter in use (None: the base model)
         with read_model(graph_path) as model:
             identity = model.metadata.get(keys.BASE_IDENTITY)
@@ -226,9 +324,24 @@ class InferenceSession:
             )
 
     def close(self) -> None:
-        """Release the engine now (also done when the session is collected)."""
+        """Stop background generations, then release the engine now (also done when the
+        session is collected, or on leaving a `with` block). Later calls raise LlmToolError."""
+        self._stop_workers()
         with self._lock:
-            self.engine.close()
+            if not self._closed:
+                self._closed = True
+                self.engine.close()
+
+    def _stop_workers(self) -> None:
+        self._cancel.set()
+        for thread in list(self._workers):
+            if thread is not threading.current_thread():
+                thread.join()
+        self._cancel.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LlmToolError("this LlmInference is closed")
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -248,7 +361,13 @@ class InferenceSession:
     def generate_response_async(
         self, prompt: Prompt, chat: bool = False, system: str | None = None
     ) -> Future[str]:
-        """Generate in a background thread, streaming to options.result_listener."""
+        """Generate in a background thread, streaming to options.result_listener.
+
+        The thread is joined by close() and at interpreter exit, where an unfinished generation
+        is cancelled (its future then holds the text so far, stop reason "cancelled").
+        """
+        prompt = clean_prompt(prompt)
+        self._check_open()
         future: Future[str] = Future()
 
         def work() -> None:
@@ -260,24 +379,46 @@ class InferenceSession:
                 if self.options.error_listener is not None:
                     self.options.error_listener(exc)
                 future.set_exception(exc)
+            finally:
+                self._workers.discard(threading.current_thread())
 
-        threading.Thread(target=work, daemon=True).start()
+        thread = threading.Thread(target=work, name="llmtool-generate")
+        self._workers.add(thread)
+        _live_sessions.add(self)
+        thread.start()
         return future
 
     def size_in_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        return len(self.tokenizer.encode(clean_text(text, "the text")))
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits at every position: shape (len(token_ids), vocab)."""
-        if not token_ids:
-            raise LlmToolError("logits() needs at least one token id")
-        if len(token_ids) > self.engine.max_seq_len:
+        ids = self.check_token_ids(token_ids)
+        if len(ids) > self.engine.max_seq_len:
             raise LlmToolError(
-                f"{len(token_ids)} tokens exceed the graph's KV cache of {self.engine.max_seq_len}"
+                f"{len(ids)} tokens exceed the graph's KV cache of {self.engine.max_seq_len}"
             )
         with self._lock:
+            self._check_open()
             self.engine.reset()
-            return self.engine.prefill(list(map(int, token_ids)), all_logits=True)
+            return self.engine.prefill(ids, all_logits=True)
+
+    def check_token_ids(self, token_ids: object) -> list[int]:
+        """token_ids as a list of ints, each a row of the model's vocabulary, else LlmToolError."""
+        if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+            raise LlmToolError(f"token ids must be a list of ints (got {_kind(token_ids)})")
+        ids = list(token_ids)  # type: ignore[call-overload]
+        if not ids:
+            raise LlmToolError("logits() needs at least one token id")
+        vocab = self.engine.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, Integral):
+                raise LlmToolError(f"token ids must be ints (got {_kind(i)})")
+            if not 0 <= i < vocab:
+                raise LlmToolError(
+                    f"token id {int(i)} is outside the model's vocabulary (0 to {vocab - 1})"
+                )
+        return [int(i) for i in ids]
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -353,6 +494,12 @@ class InferenceSession:
         system: str | None = None,
     ) -> GenerationResult:
         o = self.options
+        prompt = clean_prompt(prompt)
+        if system is not None:
+            system = clean_text(system, "the system prompt")
+        if listener is not None and not callable(listener):
+            raise LlmToolError(f"the listener must be a function (got {_kind(listener)})")
+        self._check_open()
         texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]
         for text in [*texts, system or ""]:
             refused = self.safety.find(str(text))
@@ -368,6 +515,7 @@ class InferenceSession:
         text = ""
         reason = "max_tokens"
         with self._lock:
+            self._check_open()
             self.engine.reset()
             t0 = time.perf_counter()
             logits = self.engine.prefill(ids)
@@ -389,6 +537,9 @@ class InferenceSession:
                     if listener:
                         listener(piece, False)
                 if len(ids) + len(out) >= self.max_tokens:
+                    break
+                if self._cancel.is_set():
+                    reason = "cancelled"
                     break
                 logits = self.engine.decode(token)
             t2 = time.perf_counter()

@@ -12,7 +12,7 @@ def validate_sampling(top_k: int, temperature: float) -> None:
     if top_k < 1:
         raise LlmToolError(f"top-k must be at least 1 (got {top_k})")
     if not (temperature >= 0) or not np.isfinite(temperature):
-        raise LlmToolError(f"temperature must be >= 0 (got {temperature})")
+        raise LlmToolError(f"temperature must be a finite number >= 0 (got {temperature})")
 
 
 class Sampler:
@@ -36,8 +36,10 @@ class Sampler:
         top = np.argpartition(-logits, k - 1)[:k]
         # Order by (logit desc, id asc) so ties never depend on argpartition's internals.
         top = top[np.lexsort((top, -logits[top]))]
-        z = logits[top] / self.temperature
-        p = np.exp(z - z.max())
+        # Shift first, so a tiny temperature gives -inf (probability 0), never inf - inf = NaN.
+        with np.errstate(over="ignore", under="ignore"):
+            z = (logits[top] - logits[top].max()) / self.temperature
+            p = np.exp(z)
         p /= p.sum()
         choice = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum(), side="right"))
         return int(top[min(choice, k - 1)])
