@@ -257,6 +257,68 @@ def cfg_get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "n_embed", "d_model")
 
+# What a config.json value must be, checked before any arithmetic so that a string or a zero
+# where a size belongs is one clear line, not a ValueError or ZeroDivisionError.
+POSITIVE_INT_KEYS = (
+    *HIDDEN_KEYS, "num_attention_heads", "n_head", "num_hidden_layers", "n_layer", "vocab_size",
+    "head_dim", "intermediate_size", "n_inner", "ffn_hidden_size", "num_key_value_heads",
+    "num_kv_heads", "max_position_embeddings", "n_positions", "sliding_window",
+    "sliding_window_pattern", "max_window_layers", "original_max_position_embeddings",
+    "query_pre_attn_scalar",
+)  # fmt: skip
+POSITIVE_NUMBER_KEYS = (
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
+    "rope_local_base_freq", "partial_rotary_factor", "rotary_pct", "factor",
+    "attn_logit_softcapping", "final_logit_softcapping",
+)  # fmt: skip
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+BOOL_KEYS = (
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "use_qkv_bias", "bias", "alibi",
+    "multi_query", "parallel_attn", "new_decoder_architecture", "use_sliding_window",
+    "qk_layernorm", "use_parallel_residual",
+)  # fmt: skip
+
+
+def check_config_values(config: dict[str, Any], path: str | None) -> None:
+    """Refuse config.json values of the wrong type or out of range, naming the key."""
+
+    def bad(key: str, value: Any, want: str) -> LlmToolError:
+        return LlmToolError(f"config.json: {key} must be {want} (got {value!r})"[:200], path)
+
+    scopes = [config]
+    if isinstance(config.get("rope_parameters"), dict):
+        scopes.append(config["rope_parameters"])
+    for scope in scopes:
+        for key in POSITIVE_INT_KEYS:
+            value = scope.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, value, "a positive integer")
+        for key in POSITIVE_NUMBER_KEYS:
+            value = scope.get(key)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise bad(key, value, "a positive number")
+    for key in TOKEN_ID_KEYS:
+        value = config.get(key)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is not None and (
+                isinstance(item, bool) or not isinstance(item, int) or item < 0
+            ):
+                raise bad(key, value, "a token id (an integer >= 0) or a list of them")
+    for key in BOOL_KEYS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise bad(key, value, "true or false")
+
+
 ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
@@ -311,6 +373,7 @@ class Architecture:
     def spec(self, config: dict[str, Any], path: str | None = None) -> ModelSpec:
         """Build the ModelSpec of a checkpoint from its config.json."""
         config = self.text_config(config)
+        check_config_values(config, path)
         hidden = _required(config, path, *HIDDEN_KEYS)
         heads = _required(config, path, "num_attention_heads", "n_head")
         layers = _required(config, path, "num_hidden_layers", "n_layer")
@@ -370,7 +433,9 @@ class Architecture:
                 f"{values['num_kv_heads']} in config.json",
                 path,
             )
-        return ModelSpec(**values)
+        spec = ModelSpec(**values)
+        spec.check(path)
+        return spec
 
 
 ROPE_KEYS = {

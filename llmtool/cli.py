@@ -60,7 +60,8 @@ class ProgressBar:
     """A Rich progress bar driven by the pipelines' (done, total, what) callback."""
 
     def __init__(self, title: str, enabled: bool):
-        self.enabled = enabled
+        # Only on a terminal: piped, a bar is noise (and leaves a blank line before errors).
+        self.enabled = enabled and err.is_terminal
         self.title = title
         self._progress: Progress | None = None
         self._task: Any = None

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -67,6 +68,10 @@ class ConversionConfig:
         return out
 
     def validate(self) -> None:
+        check_types(self)
+        for name in ("lora_ckpt", "lora_rank"):
+            if getattr(self, name) is not None:  # until LoRA conversion exists: never ignored
+                raise LlmToolError(f"{name}: LoRA conversion is not supported by this version")
         if self.backend not in ("cpu", "gpu"):
             raise LlmToolError(f"backend must be cpu or gpu (got {self.backend!r})")
         if not self.output_tflite_file:
@@ -155,16 +160,75 @@ def merge_config(cls: type, yaml_path: str | Path | None, overrides: dict[str, A
     values: dict[str, Any] = {}
     if yaml_path is not None:
         raw = load_yaml(yaml_path)
-        unknown = sorted(set(raw) - names)
+        unknown = sorted(str(k) for k in raw if k not in names)
         if unknown:
-            raise LlmToolError(f"unknown key {unknown[0]!r} in config file", yaml_path)
+            known = ", ".join(sorted(names))
+            raise LlmToolError(
+                f"unknown key {unknown[0]!r} in config file (known keys: {known})", yaml_path
+            )
         base = Path(yaml_path).parent
         for key, value in raw.items():
             if isinstance(value, str) and _is_path_field(key) and not Path(value).is_absolute():
                 value = str(base / value)
             values[key] = value
     values.update({k: v for k, v in overrides.items() if v is not None and k in names})
-    return replace(cls(), **values)
+    merged = replace(cls(), **values)
+    check_types(merged, yaml_path)
+    return merged
+
+
+def check_types(config: Any, path: str | Path | None = None) -> None:
+    """Every field holds the type its annotation names: YAML's `is_symmetric: "no"` is a str,
+    not false, and `attention_quant_bits: eight` is not a number; refuse both, naming the key."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        if f.name == "extra":
+            continue
+        value = getattr(config, f.name)
+        want = hints[f.name]
+        if not _matches(value, want):
+            raise LlmToolError(
+                f"{f.name} must be {_describe(want)} (got {type(value).__name__} {value!r})"[:200],
+                path,
+            )
+
+
+def _matches(value: Any, want: Any) -> bool:
+    if want is Any:
+        return True
+    origin = get_origin(want)
+    if origin in (Union, UnionType):
+        return any(_matches(value, arg) for arg in get_args(want))
+    if want is type(None):
+        return value is None
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        args = get_args(want)
+        return isinstance(value, (list, tuple)) and (
+            not args or all(_matches(v, args[0]) for v in value)
+        )
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or want)
+
+
+def _describe(want: Any) -> str:
+    if get_origin(want) in (Union, UnionType):
+        parts = [_describe(a) for a in get_args(want) if a is not type(None)]
+        return " or ".join(parts) + (" (or absent)" if type(None) in get_args(want) else "")
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if want in names:
+        return names[want]
+    if get_origin(want) in (list, tuple):
+        return "a list"
+    return getattr(want, "__name__", str(want))
 
 
 def _is_path_field(name: str) -> bool:

@@ -9,8 +9,12 @@ weights of that decoder; `role_name` gives a role's name in the converted contai
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+from llmtool.errors import LlmToolError
 
 # --------------------------------------------------------------------------------------------
 # The generic model description
@@ -66,13 +70,61 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> ModelSpec:
-        raw = json.loads(data)
-        known = {f.name for f in fields(cls)}
-        raw = {k: v for k, v in raw.items() if k in known}
-        raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
-        raw["sliding_layers"] = tuple(raw.get("sliding_layers", ()))
-        return cls(**raw)
+    def from_json(cls, data: bytes | str, path: str | Path | None = None) -> ModelSpec:
+        """The spec stored in a container or graph (LlmToolError naming `path` if corrupt)."""
+        try:
+            raw = json.loads(data)
+            known = {f.name for f in fields(cls)}
+            raw = {k: v for k, v in raw.items() if k in known}
+            raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
+            raw["sliding_layers"] = tuple(raw.get("sliding_layers", ()))
+            spec = cls(**raw)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise LlmToolError(f"corrupt model spec in the metadata ({exc})"[:200], path) from None
+        spec.check(path, "the stored model spec")
+        return spec
+
+    def check(self, path: str | Path | None = None, what: str = "config.json") -> None:
+        """Refuse sizes no model can have (zero heads, zero positions, ...) in one line."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmToolError(
+                    f"{what}: {name} must be a positive integer (got {value!r})", path
+                )
+        if (
+            isinstance(self.max_positions, bool)
+            or not isinstance(self.max_positions, int)
+            or (self.max_positions < 2)
+        ):
+            raise LlmToolError(
+                f"{what}: the context length (max_position_embeddings) must be at least 2 "
+                f"(got {self.max_positions!r})",
+                path,
+            )
+        for name in ("norm_eps", "rope_theta", "embedding_scale"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise LlmToolError(
+                    f"{what}: {name} must be a positive number (got {value!r})", path
+                )
+        if not 0 <= self.rotary_dims <= self.head_dim:
+            raise LlmToolError(
+                f"{what}: rotary dimensions {self.rotary_dims} do not fit a head of "
+                f"{self.head_dim}",
+                path,
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise LlmToolError(
+                f"{what}: {self.num_heads} attention heads are not a multiple of the "
+                f"{self.num_kv_heads} key/value heads",
+                path,
+            )
 
     @property
     def q_dim(self) -> int:

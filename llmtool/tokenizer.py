@@ -24,6 +24,9 @@ SPECIAL_MAP_FILE = "special_tokens_map.json"
 GENERATION_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SIDE_FILES = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE, CHAT_TEMPLATE_FILE)
+# The special token ids of the model's config.json, packed by convert only when
+# tokenizer_config.json names a BOS/EOS token the vocabulary lacks (see Tokenizer._resolve_id).
+MODEL_CONFIG_FILE = "model_special_ids.json"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # Named special tokens that transformers registers as special added tokens.
@@ -161,6 +164,9 @@ class Tokenizer:
         self.bytes_to_unicode = False  # SentencePiece over GPT-2's byte-mapped text (.task)
         self._chat: tuple[str | None, str, dict[str, str | None]] = (None, "", {})
         self._chat_template: Any = None
+        self._model_ids: dict[str, int] = {}  # bos_token_id / eos_token_id of config.json
+        # Special tokens the configs name but the vocabulary lacks (with no model id to use).
+        self.missing_specials: dict[str, str] = {}
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -170,6 +176,12 @@ class Tokenizer:
         special_map = _load_json(files, SPECIAL_MAP_FILE)
         generation = _load_json(files, GENERATION_FILE)
         tok = cls()
+        model_config = _load_json(files, MODEL_CONFIG_FILE)
+        for key in ("bos_token_id", "eos_token_id"):
+            value = model_config.get(key)
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int) and not isinstance(value, bool):
+                tok._model_ids[key] = value
         if SPM_FILE in files:
             tok._init_sentencepiece(files[SPM_FILE], config, special_map)
         elif HF_FILE in files:
@@ -303,9 +315,17 @@ class Tokenizer:
     ) -> int | None:
         content = _named_token(name, config, special_map)
         if content is not None:
+            token_id = self.token_to_id(content)
+            if token_id is not None:
+                return token_id
             # A named token missing from the vocabulary would get a new id past the model's
-            # embeddings in transformers; there is no such id here, so treat it as absent.
-            return self.token_to_id(content)
+            # embeddings in transformers: use the model's own id (config.json's bos_token_id /
+            # eos_token_id, packed as MODEL_CONFIG_FILE by convert) when it has one.
+            model_id = self._model_ids.get(f"{name}_id")
+            if model_id is not None and 0 <= model_id < self.vocab_size:
+                return model_id
+            self.missing_specials[name] = content
+            return None
         return fallback if 0 <= fallback < self.vocab_size else None
 
     def _init_stop_ids(self, generation: dict[str, Any]) -> None:

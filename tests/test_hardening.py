@@ -8,6 +8,7 @@ and, where there is one, through the Python API (LlmToolError with the same text
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,20 +19,24 @@ from pathlib import Path
 
 import pytest
 
+import llmtool as llmtool_package
 from llmtool import LlmInference, LlmInferenceOptions
 from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output, refuse_overlap, write_bytes
 from llmtool.pipelines.export import ExportOptions, export_graph
 
+# Subprocesses import the llmtool under test, whatever their working folder.
+ENV = {**os.environ, "PYTHONPATH": str(Path(llmtool_package.__file__).resolve().parent.parent)}
 
-def llmtool(*args: str, stdin: bytes | None = None, cwd: Path | None = None, **kw):
+
+def llmtool(*args: str, stdin: bytes | None = None, cwd: Path | None = None):
     return subprocess.run(
         [sys.executable, "-m", "llmtool", *args],
         capture_output=True,
         timeout=300,
         input=stdin,
         cwd=cwd,
-        **kw,
+        env=ENV,
     )
 
 
@@ -144,7 +149,7 @@ def test_sigterm_leaves_no_temporary_and_stale_ones_are_removed(tmp_path):
     no_temporaries(tmp_path)
 
     # A temporary file of a process that no longer exists (killed with SIGKILL, say).
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], env=ENV)
     dead.wait()
     stale = tmp_path / f".other.bin.llmtool-{dead.pid}.tmp"
     stale.write_bytes(b"junk")
@@ -152,7 +157,7 @@ def test_sigterm_leaves_no_temporary_and_stale_ones_are_removed(tmp_path):
     alive.write_bytes(b"mine")
     llmtool_write = [sys.executable, "-c", "from llmtool.files import write_bytes as w; "
                      f"w({str(tmp_path / 'new.bin')!r}, b'new')"]  # fmt: skip
-    subprocess.run(llmtool_write, check=True)
+    subprocess.run(llmtool_write, check=True, env=ENV)
     assert not stale.exists() and alive.exists()
     alive.unlink()
 
@@ -207,6 +212,7 @@ def test_exit_while_generate_response_async_runs_is_clean(small_graph):
             [sys.executable, "-c", EXIT_WHILE_GENERATING, str(small_graph)],
             capture_output=True,
             timeout=120,
+            env=ENV,
         )
         err = p.stderr.decode(errors="replace")
         assert p.returncode == 0, err[-2000:]
@@ -243,3 +249,247 @@ def test_logits_checks_token_ids(ids, needle, small_graph):
         with pytest.raises(LlmToolError, match=re.escape(needle)):
             llm.logits(ids)
         assert llm.logits([0, 319]).shape == (2, 320)
+
+
+# ------------------------------------------------------------------------------------------
+# Tracebacks where a one-line error belongs
+
+
+@pytest.mark.parametrize("where", ["stdin", "argv"])
+def test_non_utf8_prompt_is_decoded_with_replacement(where, small_graph):
+    args = ["run", "--model", str(small_graph), "--max-tokens", "32", "--top-k", "1"]
+    if where == "stdin":
+        p = llmtool(*args, "--prompt", "-", stdin=b"hi \xff\xfe there")
+    else:
+        p = llmtool(*args, "--prompt", os.fsdecode(b"hi \xff there"))
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    assert b"Traceback" not in p.stderr
+    options = LlmInferenceOptions(model_path=str(small_graph), max_tokens=32, top_k=1)
+    with LlmInference.create_from_options(options) as llm:
+        assert llm.generate_response("hi \udcff there") == llm.generate_response("hi \ufffd there")
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is _DROP:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "model_type, changes, needle",
+    [
+        ("LLAMA", {"hidden_size": "abc"}, "hidden_size must be a positive integer"),
+        ("LLAMA", {"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number"),
+        ("LLAMA", {"eos_token_id": "x"}, "eos_token_id must be a token id"),
+        ("LLAMA", {"max_position_embeddings": 0}, "max_position_embeddings must be a positive"),
+        ("PHI_2", {"partial_rotary_factor": "half"}, "partial_rotary_factor must be a positive"),
+        ("PHI_2", {"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ("GPT2", {"n_head": 0}, "n_head must be a positive integer"),
+        ("GPT2", {"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ],
+)
+def test_bad_config_json_is_one_line(model_type, changes, needle, tiny_model, tmp_path):
+    from llmtool.config import ConversionConfig
+    from llmtool.pipelines.convert import convert
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_model(model_type), ckpt)
+    _edit_json(ckpt / "config.json", **changes)
+    before = digests(ckpt)
+    out = tmp_path / "out.bin"
+    p = llmtool(
+        "convert", "--model-type", model_type, "--input-ckpt", str(ckpt),
+        "--output-tflite-file", str(out),
+    )  # fmt: skip
+    line = one_line_error(p, needle)
+    assert "config.json" in line
+    with pytest.raises(LlmToolError) as info:
+        convert(ConversionConfig(str(ckpt), model_type, output_tflite_file=str(out)))
+    assert str(info.value) == line
+    assert not out.exists() and digests(ckpt) == before
+    no_temporaries(tmp_path)
+
+
+def test_zero_context_length_is_refused_at_convert_not_run():
+    from llmtool.architectures import get_architecture
+
+    config = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "vocab_size": 320, "n_positions": 0}  # fmt: skip
+    with pytest.raises(LlmToolError, match="n_positions must be a positive integer"):
+        get_architecture("GPT2").spec(config, "config.json")
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("attention_quant_bits: eight", "attention_quant_bits must be a whole number"),
+        ("model_type: [GPT2]", "model_type must be a string"),
+        ("output_tflite_file: {a: 1}", "output_tflite_file must be a string"),
+        ('is_symmetric: "no"', "is_symmetric must be true or false (got str 'no')"),
+        ('combine_file_only: "false"', "combine_file_only must be true or false"),
+        ("bogus_key: 1", "unknown key 'bogus_key' in config file"),
+    ],
+)
+def test_bad_yaml_is_one_line(line, needle, tmp_path):
+    from llmtool.config import ConversionConfig, merge_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input_ckpt: ck\nmodel_type: LLAMA\noutput_tflite_file: o.bin\n{line}\n")
+    got = one_line_error(llmtool("convert", "--config", str(cfg)), needle)
+    with pytest.raises(LlmToolError) as info:
+        merge_config(ConversionConfig, cfg, {})
+    assert str(info.value) == got
+    assert not (tmp_path / "o.bin").exists()
+
+
+@pytest.mark.parametrize("line", ["lora_ckpt: adapter.safetensors", "lora_rank: 4"])
+def test_lora_keys_are_never_silently_ignored(line, tiny_model, tmp_path):
+    from llmtool.config import ConversionConfig, merge_config
+    from llmtool.pipelines.convert import convert
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"input_ckpt: {tiny_model('LLAMA')}\nmodel_type: LLAMA\noutput_tflite_file: o.bin\n{line}\n"
+    )
+    config = merge_config(ConversionConfig, cfg, {})
+    try:
+        convert(config)  # once LoRA conversion exists this works, and writes the LoRA file
+    except LlmToolError as exc:
+        assert "lora" in str(exc).lower()
+        one_line_error(llmtool("convert", "--config", str(cfg)), "lora")
+    else:
+        assert config.lora_output_tflite_file or config.lora_ckpt is None
+
+
+def test_pickled_code_is_refused_without_weights_only_advice(tiny_model, tmp_path):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > pwned.txt",))
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    shutil.copyfile(tiny_model("FALCON_RW_1B") / "config.json", ckpt / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_model("FALCON_RW_1B") / name, ckpt / name)
+    torch.save({"w": Payload()}, ckpt / "pytorch_model.bin")
+    p = llmtool(
+        "convert", "--model-type", "FALCON_RW_1B", "--input-ckpt", str(ckpt),
+        "--output-tflite-file", str(tmp_path / "o.bin"), cwd=tmp_path,
+    )  # fmt: skip
+    line = one_line_error(p, "holds Python objects (code), not just tensors")
+    assert "weights_only" not in line and "safetensors" in line
+    assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "o.bin").exists()
+
+
+def test_python_api_types(small_graph):
+    bad_options = [
+        ({"top_k": "3"}, "top-k must be a whole number"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"max_tokens": 2.5}, "max tokens must be a whole number"),
+        ({"model_path": 3}, "model_path must be a path"),
+        ({"random_seed": None}, "random seed must be a whole number"),
+        ({"result_listener": 3}, "result_listener must be a function"),
+        ({"safety_filter": "word"}, "safety_filter must be a list"),
+    ]
+    for kwargs, needle in bad_options:
+        with pytest.raises(LlmToolError, match=re.escape(needle)):
+            LlmInference.create_from_options(
+                LlmInferenceOptions(**{"model_path": str(small_graph), **kwargs})
+            )
+    options = LlmInferenceOptions(model_path=str(small_graph), max_tokens=16, num_threads=1)
+    with LlmInference.create_from_options(options) as llm:
+        for prompt in (None, b"hi", 3):
+            with pytest.raises(LlmToolError, match="the prompt must be a str"):
+                llm.generate_response(prompt)
+            with pytest.raises(LlmToolError, match="the prompt must be a str"):
+                llm.generate_response_async(prompt)
+
+
+# ------------------------------------------------------------------------------------------
+# Silently wrong
+
+
+def test_missing_bos_token_falls_back_to_config_ids_or_is_refused(tiny_model, tmp_path):
+    from llmtool.formats import metadata as keys
+    from llmtool.formats.container import Container
+    from llmtool.tokenizer import Tokenizer
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_model("GEMMA_2B"), ckpt)
+    _edit_json(ckpt / "tokenizer_config.json", bos_token="<nope>", eos_token="<none>")
+    bos, eos = 2, 1  # the ids config.json names
+    out = tmp_path / "o.bin"
+    args = ["convert", "--model-type", "GEMMA_2B", "--input-ckpt", str(ckpt)]
+    p = llmtool(*args, "--output-tflite-file", str(out), "--json")
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    with Container.open(out) as c:
+        tok = Tokenizer.from_files(keys.unpack_tokenizer(c.metadata))  # what run uses
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (bos, eos, True)
+    assert tok.encode("hi")[0] == bos and eos in tok.stop_ids
+
+    for name in ("config.json", "generation_config.json"):
+        _edit_json(ckpt / name, bos_token_id=_DROP)
+    out.unlink()
+    line = one_line_error(llmtool(*args, "--output-tflite-file", str(out)), "'<nope>'")
+    assert "not in the vocabulary" in line and "bos_token_id" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--temperature", "inf"], "temperature must be a finite number >= 0 (got inf)"),
+        (["--temperature", "nan"], "temperature must be a finite number >= 0 (got nan)"),
+        (["--top-k", "0"], "top-k must be at least 1"),
+    ],
+)
+def test_run_sampling_options(args, needle, small_graph):
+    one_line_error(llmtool("run", "--model", str(small_graph), "--prompt", "hi", *args), needle)
+
+
+def test_tiny_temperature_samples_without_nan_or_warnings(small_graph):
+    p = llmtool("run", "--model", str(small_graph), "--prompt", "hi", "--max-tokens", "12",
+                "--temperature", "1e-320", "--json")  # fmt: skip
+    assert p.returncode == 0 and p.stderr.strip() == b"", p.stderr
+    greedy = llmtool("run", "--model", str(small_graph), "--prompt", "hi", "--max-tokens", "12",
+                     "--top-k", "1", "--json")  # fmt: skip
+    assert json.loads(p.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_evaluate_max_windows_must_be_positive(value, small_graph, tmp_path):
+    from llmtool.pipelines.evaluate import evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged. " * 20)
+    args = ["evaluate", "--model", str(small_graph), "--text", str(text), "--window", "16"]
+    line = one_line_error(llmtool(*args, "--max-windows", value), "max windows must be at least 1")
+    with pytest.raises(LlmToolError) as info:
+        evaluate(str(small_graph), text, 16, int(value))
+    assert str(info.value) == line
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--prefill-len", "0"], "prefill length must be between 1 and the KV cache length 32"),
+        (["--prefill-len", "33"], "(got 33)"),
+    ],
+)
+def test_export_prefill_length_is_validated(args, needle, converted, tmp_path):
+    out = tmp_path / "g.tflite"
+    model = converted("LLAMA")
+    one_line_error(llmtool("export", str(model), "-o", str(out), "--max-seq-len", "32", *args),
+                   needle)  # fmt: skip
+    assert not out.exists()
+    with pytest.raises(LlmToolError, match=re.escape(needle)):
+        export_graph(model, out, ExportOptions(max_seq_len=32, prefill_len=int(args[1])))

@@ -28,7 +28,7 @@ from llmtool.formats.llm_params import encode_llm_parameters, llm_parameters
 from llmtool.formats.tensor_dir import TensorDir, read_layer_info, read_metadata, read_tensor
 from llmtool.quantization import QuantizedTensor, quantize
 from llmtool.spec import ModelSpec
-from llmtool.tokenizer import Tokenizer, read_tokenizer_files
+from llmtool.tokenizer import MODEL_CONFIG_FILE, Tokenizer, read_tokenizer_files
 from llmtool.weights import WeightLoader, plan_weights
 
 Progress = Callable[[int, int, str], None]
@@ -107,7 +107,12 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
     directory = files[0].parent
     cfg, cfg_path = read_config(directory)
     check_config_matches(arch, cfg, str(cfg_path))
-    spec = arch.spec(cfg, str(cfg_path))
+    try:
+        spec = arch.spec(cfg, str(cfg_path))
+    except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError) as exc:
+        # A family rule met a value the generic checks did not foresee: still one line.
+        message = f"config.json has a value llmtool cannot use ({exc})"
+        raise LlmToolError(message, cfg_path) from None
 
     vocab_path = Path(config.vocab_model_file) if config.vocab_model_file else directory
     tok_files = read_tokenizer_files(vocab_path)
@@ -115,6 +120,17 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
     if "generation_config.json" not in tok_files and generation_config.is_file():
         tok_files["generation_config.json"] = generation_config.read_bytes()
     tokenizer = Tokenizer.from_files(tok_files)
+    if tokenizer.missing_specials:
+        # tokenizer_config.json names a BOS/EOS the vocabulary lacks: use config.json's ids.
+        ids = {"bos_token_id": spec.bos_token_id, "eos_token_id": list(spec.eos_token_ids)}
+        tok_files[MODEL_CONFIG_FILE] = json.dumps(ids, sort_keys=True).encode()
+        tokenizer = Tokenizer.from_files(tok_files)
+    for name, content in tokenizer.missing_specials.items():
+        raise LlmToolError(
+            f"tokenizer_config.json names {name} {content!r}, which is not in the vocabulary, "
+            f"and config.json has no {name}_id to use instead",
+            vocab_path,
+        )
     if tokenizer.vocab_size > spec.vocab_size:
         raise LlmToolError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -210,7 +226,7 @@ def combine_output_dir(folder: Path, output: Path, progress: Progress) -> dict[s
     metadata = read_metadata(folder)
     if keys.MODEL_SPEC not in metadata:
         raise LlmToolError(f"metadata/{keys.MODEL_SPEC} is missing", folder)
-    spec = ModelSpec.from_json(metadata[keys.MODEL_SPEC])
+    spec = ModelSpec.from_json(metadata[keys.MODEL_SPEC], folder)
 
     def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
         progress(plan.index(entry), len(plan), entry.name)

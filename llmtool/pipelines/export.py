@@ -84,7 +84,7 @@ def export_graph(
     with Container.open(container_path) as c:
         if keys.MODEL_SPEC not in c.metadata:
             raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
-        spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC])
+        spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], container_path)
         S = min(options.max_seq_len or DEFAULT_MAX_SEQ_LEN, spec.max_positions)
         if S < 2:
             raise LlmToolError(f"max sequence length must be at least 2 (got {S})")

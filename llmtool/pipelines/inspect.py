@@ -44,7 +44,7 @@ def describe_graph(path: Path) -> dict[str, Any]:
 def _graph_info(m: ModelFile) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if keys.MODEL_SPEC in m.metadata:
-        info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC]).model_type
+        info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC], m.path).model_type
     if keys.GRAPH in m.metadata:
         info["graph"] = json.loads(m.metadata[keys.GRAPH])
     info["signatures"] = {}
@@ -111,7 +111,7 @@ def describe(path: Path) -> dict[str, Any]:
         return describe_graph(path)
     with Container.open(path) as c:
         meta = c.metadata
-        spec = ModelSpec.from_json(meta[keys.MODEL_SPEC]) if keys.MODEL_SPEC in meta else None
+        spec = ModelSpec.from_json(meta[keys.MODEL_SPEC], path) if keys.MODEL_SPEC in meta else None
         conversion = json.loads(meta[keys.CONVERSION]) if keys.CONVERSION in meta else {}
         files = keys.unpack_tokenizer(meta)
         info: dict[str, Any] = {
