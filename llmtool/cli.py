@@ -845,7 +845,10 @@ def _quiet_native_exit() -> None:
 
 
 def main() -> None:
+    from llmtool.files import exit_on_sigterm
+
     atexit.register(_quiet_native_exit)
+    exit_on_sigterm()
     app()
 
 

@@ -113,6 +113,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C for the whole process (the CLI calls this), so every
+    `finally` and every atomic_output cleans up; the exit status stays 128 + SIGTERM."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 @contextlib.contextmanager
 def _sigterm_cleanup() -> Iterator[None]:
     """Install the SIGTERM handler for the duration of a write (main thread, default only)."""
@@ -120,7 +126,7 @@ def _sigterm_cleanup() -> Iterator[None]:
     installed = False
     if threading.current_thread() is threading.main_thread():
         current = signal.getsignal(signal.SIGTERM)
-        if _handler_depth or current in (signal.SIG_DFL, None):
+        if current is not _on_sigterm and (_handler_depth or current in (signal.SIG_DFL, None)):
             if _handler_depth == 0:
                 _previous_handler = current
                 signal.signal(signal.SIGTERM, _on_sigterm)

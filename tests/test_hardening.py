@@ -493,3 +493,36 @@ def test_export_prefill_length_is_validated(args, needle, converted, tmp_path):
     assert not out.exists()
     with pytest.raises(LlmToolError, match=re.escape(needle)):
         export_graph(model, out, ExportOptions(max_seq_len=32, prefill_len=int(args[1])))
+
+
+SLOW_CONVERT = """
+import sys, time
+import llmtool.formats.container as container
+real = container.ContainerWriter._check
+def slow(self, entry, value):
+    print("writing", flush=True)
+    time.sleep(60)
+container.ContainerWriter._check = slow
+from llmtool.cli import main
+sys.argv = ["llmtool", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_during_convert_cleans_up(tiny_model, tmp_path):
+    out = tmp_path / "out.bin"
+    args = ["convert", "--model-type", "LLAMA", "--input-ckpt", str(tiny_model("LLAMA")),
+            "--output-tflite-file", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    assert proc.stdout.readline() == b"writing\n"
+    assert any(".llmtool-" in p.name for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert b"Traceback" not in proc.stderr.read()
+    assert not out.exists()
+    no_temporaries(tmp_path)

@@ -16,7 +16,6 @@ the graph from its file (never held in memory).
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import zlib
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtool.errors import LlmToolError
+from llmtool.files import atomic_output
 
 MAGIC = b"LITERTLM"
 VERSION = (1, 7, 0)  # the format version litert-lm-builder 0.18.1 writes
@@ -148,29 +148,20 @@ def write_litertlm(
     if len(header) != len(placeholder):  # pragma: no cover - guards the reasoning above
         raise AssertionError("the LiteRT-LM header changed size")
 
-    if path.is_dir():
-        raise LlmToolError("output is a directory", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<3I", *VERSION))
-            f.write(b"\0" * (HEADER_END_AT - f.tell()))
-            f.write(struct.pack("<Q", METADATA_AT + len(header)))
-            f.write(header)
-            for src, (begin, end) in zip(sources, offsets, strict=True):
-                f.write(b"\0" * (begin - f.tell()))
-                if src.path is not None:
-                    with open(src.path, "rb") as s:
-                        shutil.copyfileobj(s, f, _CHUNK)
-                else:
-                    f.write(src.data or b"")
-                if f.tell() != end:
-                    raise LlmToolError("an input changed size while it was written", src.path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path, inputs=[tflite_model]) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<3I", *VERSION))
+        f.write(b"\0" * (HEADER_END_AT - f.tell()))
+        f.write(struct.pack("<Q", METADATA_AT + len(header)))
+        f.write(header)
+        for src, (begin, end) in zip(sources, offsets, strict=True):
+            f.write(b"\0" * (begin - f.tell()))
+            if src.path is not None:
+                with open(src.path, "rb") as s:
+                    shutil.copyfileobj(s, f, _CHUNK)
+            else:
+                f.write(src.data or b"")
+            if f.tell() != end:
+                raise LlmToolError("an input changed size while it was written", src.path)
     return path
 
 

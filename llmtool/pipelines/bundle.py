@@ -19,6 +19,7 @@ from typing import Any
 from llmtool.chat_template import ChatTemplate
 from llmtool.config import BundleConfig
 from llmtool.errors import LlmToolError
+from llmtool.files import refuse_overlap
 from llmtool.formats import metadata as keys
 from llmtool.formats.llm_params import encode_llm_parameters
 from llmtool.formats.tflite_model import read_model
@@ -184,6 +185,7 @@ def bundle(config: BundleConfig, progress: Progress = _no_progress) -> dict[str,
     kind = KINDS.get(output.suffix.lower())
     if kind is None:
         raise LlmToolError("the output must end in .task or .litertlm", output)
+    refuse_overlap(output, [config.model, config.tflite_model, config.tokenizer_model])
     if config.model:
         return _bundle_container(config, output, kind, progress, t0)
     graph = Path(config.tflite_model or "")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from llmtool._version import __version__
 from llmtool.errors import LlmToolError
+from llmtool.files import atomic_output
 from llmtool.formats import metadata as keys
 from llmtool.formats.tflite_model import read_metadata
 from llmtool.tokenizer import Tokenizer
@@ -166,21 +167,15 @@ def _extract(path: Path, offset: int, size: int) -> Path:
     key = hashlib.sha256(f"{file_digest(path)}|{__version__}".encode()).hexdigest()[:32]
     cached = cache_dir() / f"{path.stem}-{key}.tflite"
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
-        try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                src.seek(offset)
-                remaining = size
-                while remaining:
-                    chunk = src.read(min(remaining, 16 << 20))
-                    if not chunk:
-                        raise LlmToolError("the bundle is truncated", path)
-                    dst.write(chunk)
-                    remaining -= len(chunk)
-            os.replace(tmp, cached)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_output(cached) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+            src.seek(offset)
+            remaining = size
+            while remaining:
+                chunk = src.read(min(remaining, 16 << 20))
+                if not chunk:
+                    raise LlmToolError("the bundle is truncated", path)
+                dst.write(chunk)
+                remaining -= len(chunk)
     return cached
 
 
