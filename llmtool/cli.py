@@ -1,6 +1,14 @@
 """The `llmtool` command line: parse flags, merge YAML, call a pipeline, print with Rich.
 
 No work happens here. A user mistake (LlmToolError) becomes one line on stderr and exit code 2.
+
+Conventions every verb follows (add new verbs the same way):
+- the model a verb reads is `--model PATH` (inspect and export also take it positionally, the
+  older spelling, kept as an alias); the file it writes is `-o/--output PATH`. Verbs that mirror
+  a MediaPipe config keep that config's field names as flags (convert's
+  `--output-tflite-file`, bundle's `--output-filename`), with `-o` as their short alias.
+- outputs are written with llmtool.files.atomic_output (the pipelines do it).
+- `--json` prints a machine-readable summary; `--help` shows no type tags.
 """
 
 from __future__ import annotations
@@ -31,6 +39,63 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def _plain_type_label(self: Any, ctx: Any) -> str | None:
+    """--help shows INTEGER / PATH / TEXT after an option (nothing after a flag), not Typer's
+    <int> / <path> / <bool> tags."""
+    if getattr(self, "metavar", None) is not None and not isinstance(
+        self, typer.core.TyperArgument
+    ):
+        return self.metavar
+    if getattr(self, "is_flag", False):
+        return None
+    label = str(self.display_type(ctx)).strip("<>")
+    label = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": None}.get(label, label)
+    if label is None:
+        return None
+    label = label.upper()
+    return label + "..." if getattr(self, "nargs", 1) != 1 else label
+
+
+def _usage_name(self: Any) -> str:
+    """Arguments in the usage line as [NAME] / NAME, not Typer's {name}."""
+    name = (self.metavar or self.name).upper()
+    return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+typer.core.TyperOption.display_type_rich = _plain_type_label  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _plain_type_label  # type: ignore[method-assign]
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from llmtool._version import __version__
+
+        out.print(f"llmtool {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Convert Hugging Face language models to on-device TFLite artifacts and run them."""
+
+
+def one_model(option: Path | None, positional: Path | None, required: bool = True) -> Path | None:
+    """The model named by --model or positionally (the alias); both must agree."""
+    if option is not None and positional is not None and option != positional:
+        raise LlmToolError(f"two models given: {positional} and --model {option}")
+    model = option if option is not None else positional
+    if model is None and required:
+        raise LlmToolError("give the model with --model FILE")
+    return model
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,7 +197,12 @@ def convert(
         str | None, typer.Option(help="Also write one file per tensor + layer_info.txt here.")
     ] = None,
     output_tflite_file: Annotated[
-        str | None, typer.Option(help="The converted model file, e.g. model_cpu.bin.")
+        str | None,
+        typer.Option(
+            "--output-tflite-file",
+            "-o",
+            help="The converted model file, e.g. model_cpu.bin.",
+        ),
     ] = None,
     combine_file_only: Annotated[
         bool | None,
@@ -290,9 +360,13 @@ def lora_convert(
 @friendly_errors
 def inspect(
     file: Annotated[
+        Path | None, typer.Argument(metavar="MODEL", help="Same as --model.", show_default=False)
+    ] = None,
+    model: Annotated[
         Path | None,
-        typer.Argument(
-            help="A converted model (.bin), a graph (.tflite) or a bundle (.task, .litertlm)."
+        typer.Option(
+            "--model",
+            help="A converted model (.bin), a graph (.tflite) or a bundle (.task, .litertlm).",
         ),
     ] = None,
     default: Annotated[
@@ -303,8 +377,9 @@ def inspect(
     """Show what a model file holds: type, parameters, tokenizer, tensors or signatures."""
     from llmtool.pipelines.inspect import describe, describe_default
 
+    file = one_model(model, file, required=False)
     if file is None and not default:
-        raise LlmToolError("give a model file, or --default for the embedded model")
+        raise LlmToolError("give a model file (--model FILE), or --default for the embedded model")
     info = describe_default() if default else describe(file)
     if json_out:
         print_json(info)
@@ -375,8 +450,15 @@ def models(json_out: JsonOpt = False) -> None:
 @app.command()
 @friendly_errors
 def export(
-    model: Annotated[Path, typer.Argument(help="A converted model (.bin container).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The graph file to write.")],
+    model_arg: Annotated[
+        Path | None, typer.Argument(metavar="MODEL", help="Same as --model.", show_default=False)
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A converted model (.bin container).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The graph file to write.")
+    ] = None,
     max_seq_len: Annotated[
         int | None,
         typer.Option(
@@ -414,6 +496,9 @@ def export(
     from llmtool.formats.lora_file import ATTENTION_ROLES, LORA_ROLES
     from llmtool.pipelines.export import ExportOptions, export_graph
 
+    model = one_model(model, model_arg)
+    if output is None:
+        raise LlmToolError("give the graph file to write with -o/--output FILE")
     buckets: tuple[int, ...] | None = None
     if kv_buckets is not None:
         text = kv_buckets.strip().lower()
@@ -526,7 +611,12 @@ def bundle(
         typer.Option("--stop-tokens", help="Token that ends generation; repeat for several."),
     ] = None,
     output_filename: Annotated[
-        str | None, typer.Option(help="The bundle to write: NAME.task or NAME.litertlm.")
+        str | None,
+        typer.Option(
+            "--output-filename",
+            "-o",
+            help="The bundle to write: NAME.task or NAME.litertlm.",
+        ),
     ] = None,
     enable_bytes_to_unicode_mapping: Annotated[
         bool | None,
@@ -829,6 +919,52 @@ def release(
         for line in summary["failures"]:
             err.print(f"[bold red]failed:[/] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------
+# cache
+
+cache_app = typer.Typer(
+    help="The cache of exported graphs and XNNPACK weights ($LLMTOOL_CACHE_DIR, at most "
+    "$LLMTOOL_CACHE_MAX_BYTES, default 8G; least recently used entries go first).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@friendly_errors
+def cache_list(json_out: JsonOpt = False) -> None:
+    """Show what the cache holds, most recently used first."""
+    from llmtool import cache
+
+    info = cache.describe()
+    if json_out:
+        print_json(info)
+        return
+    out.print(
+        f"[bold]{info['cache_dir']}[/]  {human_bytes(info['total_bytes'])} of at most "
+        f"{human_bytes(info['max_bytes'])}",
+        highlight=False,
+    )
+    table = Table("last used", "kind", "bytes", "name", box=None, pad_edge=False)
+    for e in info["entries"]:
+        table.add_row(e["last_used"], e["kind"], human_bytes(e["bytes"]), e["name"])
+    if info["entries"]:
+        out.print(table)
+
+
+@cache_app.command("clear")
+@friendly_errors
+def cache_clear(json_out: JsonOpt = False) -> None:
+    """Remove every cached graph and XNNPACK file (they are rebuilt when needed)."""
+    from llmtool import cache
+
+    count, freed = cache.clear()
+    if json_out:
+        print_json({"removed_entries": count, "freed_bytes": freed})
+        return
+    out.print(f"removed {count} entries ({human_bytes(freed)})", highlight=False)
 
 
 def _quiet_native_exit() -> None:

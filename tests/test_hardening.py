@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -526,3 +527,95 @@ def test_sigterm_during_convert_cleans_up(tiny_model, tmp_path):
     assert b"Traceback" not in proc.stderr.read()
     assert not out.exists()
     no_temporaries(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# Resources: the graph cache is bounded, and can be listed and cleared
+
+
+def _fake_entry(folder: Path, name: str, size: int, age: float) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(b"\0" * size)
+    t = time.time() - age
+    os.utime(path, (t, t))
+    return path
+
+
+def test_cache_evicts_least_recently_used(tmp_path, monkeypatch):
+    from llmtool import cache
+
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMTOOL_CACHE_MAX_BYTES", "3K")
+    graphs, xnn = tmp_path / "graphs", tmp_path / "xnnpack"
+    old = _fake_entry(graphs, "old-1.tflite", 1000, age=300)
+    mid = _fake_entry(graphs, "mid-2.tflite", 1000, age=200)
+    tag = cache.graph_path_key(mid)
+    mid_x = _fake_entry(xnn, f"mid-2-{tag}-k.xnnpack", 500, age=250)  # belongs to mid
+    lone = _fake_entry(xnn, "user-abcdef012345-k.xnnpack", 400, age=100)
+    new = _fake_entry(graphs, "new-3.tflite", 1000, age=0)
+    names = [e.name for e in cache.entries()]
+    assert names == ["old-1.tflite", "mid-2.tflite", "user-abcdef012345-k.xnnpack", "new-3.tflite"]
+    cache.use(old)  # used again: now the most recent; total 3900 > 3072
+    assert old.exists() and new.exists() and lone.exists()
+    assert not mid.exists() and not mid_x.exists()  # the least recently used, with its xnnpack
+    monkeypatch.setenv("LLMTOOL_CACHE_MAX_BYTES", "0")
+    cache.use(new)  # everything but what is in use goes
+    assert [p.name for p in graphs.iterdir()] == ["new-3.tflite"] and not any(xnn.iterdir())
+    monkeypatch.setenv("LLMTOOL_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(LlmToolError, match="LLMTOOL_CACHE_MAX_BYTES must be a size"):
+        cache.max_bytes()
+
+
+def test_cache_cli_list_clear_and_cap(converted, tmp_path):
+    env = {**ENV, "LLMTOOL_CACHE_DIR": str(tmp_path), "LLMTOOL_CACHE_MAX_BYTES": "1"}
+    model = str(converted("LLAMA"))
+    for n in ("20", "24"):  # two graphs; the cap keeps only the one in use
+        p = subprocess.run(
+            [sys.executable, "-m", "llmtool", "run", "--model", model, "--prompt", "hi",
+             "--max-tokens", n, "--top-k", "1"], capture_output=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "llmtool", "cache", "list", "--json"], capture_output=True, env=env
+    )
+    entries = json.loads(listed.stdout)["entries"]
+    assert [e["kind"] for e in entries if e["kind"] == "graph"] == ["graph"]
+    cleared = subprocess.run(
+        [sys.executable, "-m", "llmtool", "cache", "clear"], capture_output=True, env=env
+    )
+    assert cleared.returncode == 0 and b"removed" in cleared.stdout
+    assert not any((tmp_path / "graphs").iterdir())
+
+
+# ------------------------------------------------------------------------------------------
+# Interface consistency
+
+
+def test_help_has_no_type_tags_and_usage_no_braces():
+    verbs = ["convert", "inspect", "export", "run", "evaluate", "bundle", "models", "cache"]
+    for verb in ["", *verbs]:
+        p = llmtool(*([verb] if verb else []), "--help")
+        text = p.stdout.decode()
+        assert p.returncode == 0, (verb, p.stderr)
+        assert not re.search(r"<(bool|str|int|float|path|text)>", text), (verb, text)
+        usage = next(line for line in text.splitlines() if "Usage:" in line)
+        assert "{" not in usage, usage
+    version = llmtool("--version")
+    assert version.returncode == 0 and version.stdout.decode().strip() == (
+        f"llmtool {llmtool_package.__version__}"
+    )
+
+
+def test_model_and_output_spellings(converted, tmp_path):
+    model = str(converted("LLAMA"))
+    a, b = tmp_path / "a.tflite", tmp_path / "b.tflite"
+    common = ["--max-seq-len", "16", "--json"]
+    assert llmtool("export", "--model", model, "-o", str(a), *common).returncode == 0
+    assert llmtool("export", model, "--output", str(b), *common).returncode == 0  # the alias
+    assert a.read_bytes() == b.read_bytes()
+    one = json.loads(llmtool("inspect", "--model", str(a), "--json").stdout)
+    two = json.loads(llmtool("inspect", str(a), "--json").stdout)
+    assert one == two and one["model_type"] == "LLAMA"
+    one_line_error(llmtool("export", model, "--model", str(a), "-o", "x"), "two models given")
+    one_line_error(llmtool("export", "-o", "x"), "give the model with --model FILE")

@@ -442,7 +442,10 @@ class _ItemBuild:
                     "lora_rank": adapter["stored_rank"],
                     "lora_targets": tuple(adapter["targets"]),
                 }
-            options = ExportOptions(c.max_seq_len, c.prefill_len, c.kv_buckets, **lora)
+            # prefill_len is a ceiling here (the release default 64 with a shorter cache means
+            # one prefill of the whole cache); export refuses a prefill longer than the cache.
+            prefill = min(c.prefill_len, c.max_seq_len) if c.max_seq_len else c.prefill_len
+            options = ExportOptions(c.max_seq_len, prefill, c.kv_buckets, **lora)
             summary = export_graph(source, target, options, forward)
             exact = {
                 k: summary.get(k)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtool import cache
 from llmtool._version import __version__
 from llmtool.errors import LlmToolError
-from llmtool.files import atomic_output
+from llmtool.files import atomic_output, write_bytes
 from llmtool.formats import metadata as keys
 from llmtool.formats.tflite_model import read_metadata
 from llmtool.tokenizer import Tokenizer
@@ -40,11 +40,11 @@ DEFAULT_MAX_SEQ_LEN = 8192
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMTOOL_CACHE_DIR") or Path.home() / ".cache" / "llmtool")
+    return cache.cache_root()
 
 
 def cache_dir() -> Path:
-    return cache_root() / "graphs"
+    return cache.graphs_dir()
 
 
 def default_model_path() -> Path:
@@ -74,11 +74,8 @@ def remembered_digest(path: Path) -> str:
         if len(digest) == 64:
             return digest
     digest = file_digest(resolved)
-    with contextlib.suppress(OSError):  # an unwritable cache only costs the hash next time
-        note.parent.mkdir(parents=True, exist_ok=True)
-        tmp = note.with_name(f"{note.name}.{os.getpid()}.tmp")
-        tmp.write_text(digest)
-        tmp.replace(note)
+    with contextlib.suppress(OSError, LlmToolError):  # unwritable: only costs a hash next time
+        write_bytes(note, digest.encode(), fsync=False)
     return digest
 
 
@@ -130,6 +127,7 @@ def resolve_graph(
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         export_graph(path, cached, ExportOptions(max_seq_len=seq_len, **lora))
+    cache.use(cached)
     return cached, tokenizer
 
 
@@ -176,6 +174,7 @@ def _extract(path: Path, offset: int, size: int) -> Path:
                     raise LlmToolError("the bundle is truncated", path)
                 dst.write(chunk)
                 remaining -= len(chunk)
+    cache.use(cached)
     return cached
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtool import cache
 from llmtool.errors import LlmToolError
 from llmtool.runtime.engine import (
     STEP_INPUTS,
@@ -43,8 +44,7 @@ from llmtool.runtime.engine import (
 
 
 def weight_cache_dir() -> Path:
-    root = os.environ.get("LLMTOOL_CACHE_DIR") or Path.home() / ".cache" / "llmtool"
-    return Path(root) / "xnnpack"
+    return cache.xnnpack_dir()
 
 
 def _cpu_fingerprint() -> str:
