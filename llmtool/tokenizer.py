@@ -217,11 +217,15 @@ class Tokenizer:
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
-        except (RuntimeError, OSError, TypeError):
+        except (RuntimeError, OSError, TypeError, ValueError):
             raise LlmToolError("not a valid SentencePiece model", path=SPM_FILE) from None
         size = sp.get_piece_size()
         if size <= 0:
             raise LlmToolError("SentencePiece model has no pieces", path=SPM_FILE)
+        try:  # every piece must be text; a damaged model would fail later, mid-generation
+            sp.id_to_piece(list(range(size)))
+        except (UnicodeDecodeError, ValueError, RuntimeError):
+            raise LlmToolError("not a valid SentencePiece model (a piece is not UTF-8)", SPM_FILE)
         self._sp = sp
         self.kind = "sentencepiece"
         self.vocab_size = size

@@ -624,3 +624,40 @@ def test_model_and_output_spellings(converted, tmp_path):
     assert one == two and one["model_type"] == "LLAMA"
     one_line_error(llmtool("export", model, "--model", str(a), "-o", "x"), "two models given")
     one_line_error(llmtool("export", "-o", "x"), "give the model with --model FILE")
+
+
+# ------------------------------------------------------------------------------------------
+# Fuzz: damaged containers, graphs and bundles give LlmToolError, never a crash or a hang
+
+
+def test_fuzz_readers(converted, tiny_model, tmp_path):
+    from llmtool.config import BundleConfig
+    from llmtool.pipelines.bundle import bundle
+
+    container = converted("GEMMA_2B", "int8")
+    graph = tmp_path / "g.tflite"
+    export_graph(container, graph, ExportOptions(max_seq_len=32, prefill_len=8))
+    files = [container, graph]
+    for suffix in (".task", ".litertlm"):
+        out = tmp_path / f"g{suffix}"
+        tokenizer = str(tiny_model("GEMMA_2B"))
+        bundle(
+            BundleConfig(
+                tflite_model=str(graph), tokenizer_model=tokenizer, output_filename=str(out)
+            )
+        )
+        files.append(out)
+    before = digests(*files)
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.fuzz_readers", "--seconds", "12", *map(str, files)],
+        capture_output=True,
+        timeout=300,  # a hang fails here; a crash (SIGSEGV, abort) is a negative exit status
+        env=ENV,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert p.returncode in (0, 1), (p.returncode, p.stderr.decode(errors="replace")[-3000:])
+    report = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert report["failures"] == [], report["failures"][:5]
+    assert set(report["by_kind"]) == {"container", "graph", "task", "litertlm"}
+    assert report["cases"] >= 200, report  # a few thousand on an idle machine
+    assert digests(*files) == before  # the fuzzer damaged copies only

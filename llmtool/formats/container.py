@@ -368,7 +368,12 @@ class Container:
             return self.raw(name).astype(np.float32)
         q = self.quantized(name)
         assert q is not None
-        return dequantize(q)
+        try:
+            return dequantize(q)
+        except ValueError:  # stored parameters that do not fit the shape: a damaged file
+            raise LlmToolError(
+                f"tensor {name!r}: quantization parameters do not fit its shape", self.path
+            ) from None
 
     def _lookup(self, name: str) -> int:
         try:

@@ -853,6 +853,7 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
                 metadata[_str(m.Name())] = bytes(data[b.offset : b.offset + b.size])
         description = _str(model.Description())
         version = int(model.Version())
+        _check_indices(subgraphs, signatures, len(buffers), what)
     except LlmToolError:
         raise
     except Exception as e:  # flatbuffers raises whatever struct/numpy raise on bad offsets
@@ -870,6 +871,29 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
         buffers=buffers,
         _data=data,
     )
+
+
+def _check_indices(
+    subgraphs: list[Subgraph], signatures: list[Signature], n_buffers: int, what: object
+) -> None:
+    """Every index the file holds points inside its table (a damaged file says so here, not
+    with an IndexError, or a crash in a runtime, later)."""
+    for sg in subgraphs:
+        n = len(sg.tensors)
+        for t in sg.tensors:
+            if not 0 <= t.buffer < n_buffers:
+                raise LlmToolError(f"tensor {t.name!r} names buffer {t.buffer}: corrupt file", what)
+        for op in sg.operators:
+            if any(not -1 <= i < n for i in (*op.inputs, *op.outputs)):
+                raise LlmToolError(f"an operator of {sg.name!r} names a missing tensor", what)
+        if any(not 0 <= i < n for i in (*sg.inputs, *sg.outputs)):
+            raise LlmToolError(f"subgraph {sg.name!r} names a missing tensor", what)
+    for s in signatures:
+        if not 0 <= s.subgraph_index < len(subgraphs):
+            raise LlmToolError(f"signature {s.key!r} names a missing subgraph", what)
+        n = len(subgraphs[s.subgraph_index].tensors)
+        if any(not 0 <= i < n for i in (*s.inputs.values(), *s.outputs.values())):
+            raise LlmToolError(f"signature {s.key!r} names a missing tensor", what)
 
 
 def _str(value: bytes | str | None) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
 from llmtool.formats.llm_params import decode_llm_parameters
@@ -41,12 +42,36 @@ def describe_graph(path: Path) -> dict[str, Any]:
         return info
 
 
+def _meta_text(meta: dict[str, bytes], key: str, path: Path | None) -> str | None:
+    """A UTF-8 metadata entry (LlmToolError naming the file when it is not)."""
+    if key not in meta:
+        return None
+    try:
+        return meta[key].decode("utf-8")
+    except UnicodeDecodeError:
+        raise LlmToolError(f"metadata entry {key} is not UTF-8 text: corrupt file", path) from None
+
+
+def _meta_json(meta: dict[str, bytes], key: str, path: Path | None) -> Any:
+    """A JSON object metadata entry (LlmToolError naming the file when it is not)."""
+    text = _meta_text(meta, key, path)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise LlmToolError(f"metadata entry {key} is not valid JSON: corrupt file", path) from None
+    if not isinstance(value, dict):
+        raise LlmToolError(f"metadata entry {key} is not a JSON object: corrupt file", path)
+    return value
+
+
 def _graph_info(m: ModelFile) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if keys.MODEL_SPEC in m.metadata:
         info["model_type"] = ModelSpec.from_json(m.metadata[keys.MODEL_SPEC], m.path).model_type
     if keys.GRAPH in m.metadata:
-        info["graph"] = json.loads(m.metadata[keys.GRAPH])
+        info["graph"] = _meta_json(m.metadata, keys.GRAPH, m.path)
     info["signatures"] = {}
     for sig in m.signatures:
         tensors = m.subgraphs[sig.subgraph_index].tensors
@@ -112,13 +137,13 @@ def describe(path: Path) -> dict[str, Any]:
     with Container.open(path) as c:
         meta = c.metadata
         spec = ModelSpec.from_json(meta[keys.MODEL_SPEC], path) if keys.MODEL_SPEC in meta else None
-        conversion = json.loads(meta[keys.CONVERSION]) if keys.CONVERSION in meta else {}
+        conversion = _meta_json(meta, keys.CONVERSION, path) or {}
         files = keys.unpack_tokenizer(meta)
         info: dict[str, Any] = {
             "file": str(path),
             "file_bytes": Path(path).stat().st_size,
             "model_type": c.model_type,
-            "backend": meta.get(keys.BACKEND, b"").decode() or None,
+            "backend": _meta_text(meta, keys.BACKEND, path) or None,
             "parameters": sum(int(np.prod(t.shape)) for t in c),
             "spec": json.loads(spec.to_json()) if spec else None,
             "quant_bits": conversion.get("quant_bits"),
