@@ -225,7 +225,8 @@ class Tokenizer:
         try:  # every piece must be text; a damaged model would fail later, mid-generation
             sp.id_to_piece(list(range(size)))
         except (UnicodeDecodeError, ValueError, RuntimeError):
-            raise LlmToolError("not a valid SentencePiece model (a piece is not UTF-8)", SPM_FILE)
+            message = "not a valid SentencePiece model (a piece is not UTF-8)"
+            raise LlmToolError(message, SPM_FILE) from None
         self._sp = sp
         self.kind = "sentencepiece"
         self.vocab_size = size

@@ -12,7 +12,8 @@ sentencepiece):
 - `prompt.txt`: a prompt for `--prompt -`;
 - tiny random stand-ins, with the tokenizer each family ships, for the per-model-type examples:
   `gemma-2b/` (two safetensors shards + tokenizer.model), `gemma-7b/`, `phi-2/`,
-  `falcon-rw-1b/` (pytorch_model.bin), `stablelm-3b-4e1t/`, `gpt2/`.
+  `falcon-rw-1b/` (pytorch_model.bin), `stablelm-3b-4e1t/`, `gpt2/`,
+  `qwen3-0.6b/` (with a chat template).
   They are the test suite's fixtures (tests/tiny_models.py): random weights, real layouts.
 """
 
@@ -35,6 +36,7 @@ STAND_INS = {
     "falcon-rw-1b": ("FALCON_RW_1B", {"ckpt_format": "pytorch"}),
     "stablelm-3b-4e1t": ("STABLELM_4E1T_3B", {}),
     "gpt2": ("GPT2", {}),
+    "qwen3-0.6b": ("QWEN3", {}),  # with a ChatML chat template
 }
 
 PROMPT = "It is a truth universally acknowledged"
@@ -93,23 +95,14 @@ def write_austen_hf(out: Path) -> None:
 
 
 def write_stand_in(out: Path, model_type: str, options: dict) -> None:
+    """A tiny random checkpoint of the family, with its tokenizer: the test suite's fixture."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from llmtool.tokenizer import Tokenizer, read_tokenizer_files
+    from tests.conftest import VOCAB, add_tokenizer
     from tests.tiny_models import build_checkpoint
-    from tests.tiny_tokenizers import make_bpe, make_sentencepiece
 
-    build_checkpoint(model_type, out, 320, **options)
-    if model_type.startswith("GEMMA"):
-        make_sentencepiece(out, vocab_size=320)
-    else:
-        make_bpe(out, vocab_size=320, style="llama" if model_type == "LLAMA" else "gpt2")
-    tok = Tokenizer.from_files(read_tokenizer_files(out))
-    for name in ("config.json", "generation_config.json"):
-        path = out / name
-        data = json.loads(path.read_text())
-        data["bos_token_id"], data["eos_token_id"] = tok.bos_id, tok.eos_id
-        path.write_text(json.dumps(data, indent=2) + "\n")
+    build_checkpoint(model_type, out, VOCAB, **options)
+    add_tokenizer(model_type, out)
 
 
 def main(argv: list[str] | None = None) -> int:

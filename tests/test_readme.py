@@ -1,20 +1,19 @@
 """Every command in README.md runs as written, from a fresh folder, after the one setup command.
 
-The rules (README.md says the same under "Trying the commands"; follow them when you add a
-section):
-- ```bash blocks are run, in document order, in one scratch folder that
+The rules (README.md states them under "Trying every command in this README"):
+- ```bash blocks run line by line, in document order, in one scratch folder that
   `python scripts/make_examples.py` (README's setup command, run first) filled. A trailing
   backslash continues a line, `&&` chains commands, `#` starts a comment, `< file` feeds stdin.
-- Untagged ``` blocks whose lines start with `$ ` are transcripts: the text after `$ ` runs; the
-  other lines are output and are not compared (keep them real anyway).
+- In untagged ``` blocks the lines starting with `$ ` run; the lines after one, up to the next,
+  are its output. Output is not compared, except: a command shown answering `error: ...` must
+  fail (exit 2) with exactly that line, and `$ cat FILE` writes FILE with the lines shown.
 - ```python blocks are executed in the same folder.
 - Any other block (```text, ```yaml, ```json, an untagged block without `$ ` lines) is not run:
   tag output, diagrams and file contents that way.
 - Commands that install or test the project itself (`pip install ...`, `python -m pytest`,
-  SKIPPED below) are not run.
-- Every command must succeed (exit status 0). `llmtool ...` runs in this process (Typer's
-  CliRunner, the same code path as the console script, without paying the start-up per
-  command); `python scripts/...` runs in this process too (runpy).
+  SKIPPED below) are not run. Every other command must succeed (exit status 0).
+- `llmtool ...` runs in this process (Typer's CliRunner: the code path of the console script,
+  without paying the start-up per command); `python scripts/...` runs in this process too.
 A command that needs a file nobody wrote fails here: make the README write it first, or add it
 to scripts/make_examples.py.
 """
@@ -39,9 +38,10 @@ SKIPPED = ("pip install", "python -m pytest", ".ci/run")
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 
-def readme_steps(text: str) -> list[tuple[str, str, int]]:
-    """(kind, code, line) in document order: kind "sh" (one command) or "python" (a block)."""
-    steps: list[tuple[str, str, int]] = []
+def readme_steps(text: str) -> list[tuple[str, str, int, list[str]]]:
+    """(kind, code, line, shown output) in document order: kind "sh" (one command line) or
+    "python" (a whole block); shown output only for transcript commands."""
+    steps: list[tuple[str, str, int, list[str]]] = []
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -57,12 +57,20 @@ def readme_steps(text: str) -> list[tuple[str, str, int]]:
             i += 1
         i += 1
         if tag == "python":
-            steps.append(("python", "\n".join(body), start + 1))
+            steps.append(("python", "\n".join(body), start + 1, []))
         elif tag in ("bash", "sh", "shell"):
-            steps.extend(("sh", cmd, start + 1 + n) for n, cmd in _commands(body))
+            steps.extend(("sh", cmd, start + 1 + n, []) for n, cmd in _commands(body))
         elif tag == "":
-            transcript = [(n, line[2:]) for n, line in enumerate(body) if line.startswith("$ ")]
-            steps.extend(("sh", cmd, start + 1 + n) for n, cmd in transcript)
+            for n, line in enumerate(body):
+                if line.startswith("$ "):
+                    shown = []
+                    for rest in body[n + 1 :]:
+                        if rest.startswith("$ "):
+                            break
+                        shown.append(rest)
+                    while shown and not shown[-1].strip():
+                        shown.pop()
+                    steps.append(("sh", line[2:], start + 1 + n, shown))
     return steps
 
 
@@ -94,11 +102,16 @@ def _split_chain(command: str) -> list[list[str]]:
     return [p for p in parts if p]
 
 
-def run_command(argv: list[str]) -> None:
+def run_command(argv: list[str], shown: list[str] | None = None) -> None:
     from typer.testing import CliRunner
 
     from llmtool.cli import app
 
+    shown = shown or []
+    if argv[0] == "cat" and len(argv) == 2:  # a transcript showing a file: write it
+        Path(argv[1]).write_text("\n".join(shown) + "\n", encoding="utf-8")
+        return
+    expected_error = next((line for line in shown if line.strip()), "").startswith("error: ")
     stdin = None
     if "<" in argv:
         k = argv.index("<")
@@ -106,6 +119,12 @@ def run_command(argv: list[str]) -> None:
         argv = argv[:k] + argv[k + 2 :]
     if argv[0] == "llmtool":
         result = CliRunner().invoke(app, argv[1:], input=stdin)
+        if expected_error:
+            said = [line for line in result.output.splitlines() if line.startswith("error: ")]
+            assert result.exit_code == 2 and said == [shown[0].strip()], (
+                f"expected {shown[0]!r}, got exit {result.exit_code}: {result.output[-2000:]}"
+            )
+            return
         assert result.exit_code == 0, (
             f"exit {result.exit_code}: {result.output[-2000:]}{result.exception or ''}"
         )
@@ -137,6 +156,9 @@ def test_readme_parser_follows_the_rules():
             "```",
             "$ llmtool e",
             "output line",
+            "",
+            "$ cat f.yaml",
+            "a: 1",
             "```",
             "```text",
             "$ llmtool never",
@@ -147,11 +169,12 @@ def test_readme_parser_follows_the_rules():
         ]
     )
     steps = readme_steps(text)
-    assert [(k, c) for k, c, _ in steps] == [
-        ("sh", "llmtool a    --b c   # note"),
-        ("sh", "pip install x && llmtool d"),
-        ("sh", "llmtool e"),
-        ("python", "x = 1"),
+    assert [(k, c, out) for k, c, _, out in steps] == [
+        ("sh", "llmtool a    --b c   # note", []),
+        ("sh", "pip install x && llmtool d", []),
+        ("sh", "llmtool e", ["output line"]),
+        ("sh", "cat f.yaml", ["a: 1"]),
+        ("python", "x = 1", []),
     ]
     assert _split_chain("pip install x && llmtool d # c") == [
         ["pip", "install", "x"],
@@ -165,7 +188,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_command(shlex.split(SETUP))
     ran = 0
-    for kind, code, line in readme_steps(text):
+    for kind, code, line, shown in readme_steps(text):
         where = f"README.md line {line}"
         if kind == "python":
             try:
@@ -179,7 +202,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
             if command == SETUP or command.startswith(SKIPPED):
                 continue
             try:
-                run_command(argv)
+                run_command(argv, shown)
             except AssertionError as exc:
                 pytest.fail(f"{where}: `{command}` failed: {exc}")
             ran += 1

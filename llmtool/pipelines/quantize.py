@@ -22,7 +22,6 @@ from. Outputs are written to a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option
 from llmtool.errors import LlmToolError
+from llmtool.files import refuse_overlap, write_bytes
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container, ContainerWriter, TensorPlan
 from llmtool.formats.tflite_model import ModelFile, ModelWriter, read_model
@@ -80,8 +80,7 @@ def quantize_model(
     start = time.perf_counter()
     src, out = Path(input_path), Path(output_path)
     _check_options(options)
-    if out.resolve() == src.resolve():
-        raise LlmToolError("the output would overwrite the input (inputs are never modified)", out)
+    refuse_overlap(out, [src, options.float_source, options.calibration_data])
     with read_model(src) as model:
         graph = model.is_graph
     if options.mode in STATIC_MODES and out.suffix != ".tflite":
@@ -221,7 +220,7 @@ def _quantize_container(
         if blocks:
             conversion["int4_block_sizes"] = blocks
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
-        ContainerWriter(out, c.model_type, plan, metadata).write(fill)
+        ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
         progress(len(plan), len(plan), "done")
     return {
         "kind": "container",
@@ -477,12 +476,7 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
                     result = q.quantize(calibration, enable_progress_report=False)
             except (ValueError, RuntimeError, NotImplementedError) as exc:
                 raise LlmToolError(f"litert-quantizer failed ({exc})", src) from None
-            tmp_out = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-            try:
-                tmp_out.write_bytes(bytes(result.quantized_model))
-                os.replace(tmp_out, out)
-            finally:
-                tmp_out.unlink(missing_ok=True)
+            write_bytes(out, bytes(result.quantized_model), inputs=[src])
     progress(3, 3, "done")
     return {"kind": "graph", "signatures": signatures, "decoder_graph": decoder}
 

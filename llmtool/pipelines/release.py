@@ -42,6 +42,7 @@ from typing import Any
 from llmtool._version import __version__
 from llmtool.config import ConversionConfig, ReleaseConfig
 from llmtool.errors import LlmToolError
+from llmtool.files import atomic_output, write_bytes
 
 Progress = Callable[[int, int, str], None]
 
@@ -787,13 +788,8 @@ def _copy_verified(src: Path, dst: Path, sha256: str, manifest: Path) -> None:
         raise LlmToolError(f"artifact {src.name} is missing or does not match its sha256", manifest)
     if dst.is_file() and (dst.samefile(src) or _file_sha256(dst) == sha256):
         return
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------
@@ -818,12 +814,5 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (llmtool.files)."""
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
