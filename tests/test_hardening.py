@@ -659,5 +659,6 @@ def test_fuzz_readers(converted, tiny_model, tmp_path):
     report = json.loads(p.stdout.decode().strip().splitlines()[-1])
     assert report["failures"] == [], report["failures"][:5]
     assert set(report["by_kind"]) == {"container", "graph", "task", "litertlm"}
-    assert report["cases"] >= 200, report  # a few thousand on an idle machine
+    # ~1500 cases at load 9 on 2 cores in 50 s; the floor only guards against a broken loop
+    assert report["cases"] >= 100 and min(report["by_kind"].values()) >= 5, report
     assert digests(*files) == before  # the fuzzer damaged copies only
