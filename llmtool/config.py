@@ -69,9 +69,6 @@ class ConversionConfig:
 
     def validate(self) -> None:
         check_types(self)
-        for name in ("lora_ckpt", "lora_rank"):
-            if getattr(self, name) is not None:  # until LoRA conversion exists: never ignored
-                raise LlmToolError(f"{name}: LoRA conversion is not supported by this version")
         if self.backend not in ("cpu", "gpu"):
             raise LlmToolError(f"backend must be cpu or gpu (got {self.backend!r})")
         if not self.output_tflite_file:

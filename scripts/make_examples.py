@@ -13,7 +13,8 @@ sentencepiece):
 - tiny random stand-ins, with the tokenizer each family ships, for the per-model-type examples:
   `gemma-2b/` (two safetensors shards + tokenizer.model), `gemma-7b/`, `phi-2/`,
   `falcon-rw-1b/` (pytorch_model.bin), `stablelm-3b-4e1t/`, `gpt2/`,
-  `qwen3-0.6b/` (with a chat template).
+  `qwen3-0.6b/` (with a chat template); and PEFT LoRA adapters of the phi-2 stand-in,
+  `my-peft-adapter/` and `my-other-adapter/`.
   They are the test suite's fixtures (tests/tiny_models.py): random weights, real layouts.
 """
 
@@ -38,6 +39,9 @@ STAND_INS = {
     "gpt2": ("GPT2", {}),
     "qwen3-0.6b": ("QWEN3", {}),  # with a ChatML chat template
 }
+
+# PEFT LoRA adapters of the phi-2 stand-in (the README's LoRA examples).
+ADAPTERS = ("my-peft-adapter", "my-other-adapter")
 
 PROMPT = "It is a truth universally acknowledged"
 
@@ -105,6 +109,23 @@ def write_stand_in(out: Path, model_type: str, options: dict) -> None:
     add_tokenizer(model_type, out)
 
 
+def write_peft_adapter(base: Path, out: Path, seed: int) -> None:
+    """A random, non-zero PEFT LoRA adapter (attention and MLP) of the checkpoint in `base`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.tiny_models import load_reference
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        load_reference(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    model.save_pretrained(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", nargs="?", default=".", help="where to write (default: here)")
@@ -117,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "prompt.txt").write_text(PROMPT + "\n", encoding="utf-8")
     for name, (model_type, options) in STAND_INS.items():
         write_stand_in(folder / name, model_type, options)
-    print(f"wrote austen-hf/, heldout.txt, prompt.txt, {', '.join(STAND_INS)} in {folder}")
+    for seed, name in enumerate(ADAPTERS, start=1):
+        write_peft_adapter(folder / "phi-2", folder / name, seed)
+    made = ", ".join([*STAND_INS, *ADAPTERS])
+    print(f"wrote austen-hf/, heldout.txt, prompt.txt, {made} in {folder}")
     return 0
 
 

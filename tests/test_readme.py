@@ -7,7 +7,7 @@ The rules (README.md states them under "Trying every command in this README"):
 - In untagged ``` blocks the lines starting with `$ ` run; the lines after one, up to the next,
   are its output. Output is not compared, except: a command shown answering `error: ...` must
   fail (exit 2) with exactly that line, and `$ cat FILE` writes FILE with the lines shown.
-- ```python blocks are executed in the same folder.
+- ```python blocks are executed in the same folder, in order, as one program (one namespace).
 - Any other block (```text, ```yaml, ```json, an untagged block without `$ ` lines) is not run:
   tag output, diagrams and file contents that way.
 - Commands that install or test the project itself (`pip install ...`, `python -m pytest`,
@@ -188,11 +188,12 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_command(shlex.split(SETUP))
     ran = 0
+    namespace: dict = {"__name__": "__readme__"}  # the python blocks are one program
     for kind, code, line, shown in readme_steps(text):
         where = f"README.md line {line}"
         if kind == "python":
             try:
-                exec(compile(code, where, "exec"), {"__name__": "__readme__"})
+                exec(compile(code, where, "exec"), namespace)
             except Exception as exc:  # pragma: no cover - the failure message
                 pytest.fail(f"{where}: python block failed: {type(exc).__name__}: {exc}")
             ran += 1
