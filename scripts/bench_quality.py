@@ -239,6 +239,8 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--skip-static", action="store_true", help="no full-int8 / int16x8")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--llama-omp-passive", action="store_true",
+                    help="llama-bench with OMP_WAIT_POLICY=passive (bench_decode.llama_env)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=256)
