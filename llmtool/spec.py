@@ -134,6 +134,16 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def default_context(self) -> int:
+        """The longest cache a graph gets unless more tokens are asked for: the model's
+        context, except that a longrope model keeps its original context, where its short
+        rotary factors apply as in transformers (a longer cache uses the long factors)."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type") == "longrope":
+            return min(self.max_positions, int(scaling["original_max_position_embeddings"]))
+        return self.max_positions
+
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and layer in self.sliding_layers
 

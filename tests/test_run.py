@@ -414,3 +414,15 @@ def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path):
     assert "llmtool.runtime.compiled_engine" in loaded
     heavy = {"llmtool.decoder", "llmtool.pipelines.export", "torch", "transformers"}
     assert not loaded & heavy, loaded & heavy
+
+
+def test_longrope_default_cache_keeps_the_short_factors(converted, tiny_model):
+    """Run without --max-tokens: a longrope model's graph keeps its original context (64 here,
+    max positions 256), where the short rotary factors apply, so logits equal transformers'."""
+    options = LlmInferenceOptions(model_path=str(converted("PHI_3", "float32")))
+    with LlmInference.create_from_options(options) as llm:
+        assert llm.engine.max_seq_len == 64
+        ids = random_ids(20)
+        ours = llm.logits(ids)
+    ref = reference_logits(tiny_model("PHI_3"), ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4

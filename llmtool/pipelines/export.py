@@ -85,7 +85,10 @@ def export_graph(
         if keys.MODEL_SPEC not in c.metadata:
             raise LlmToolError("not a converted model (no llmtool.model_spec)", container_path)
         spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], container_path)
-        S = min(options.max_seq_len or DEFAULT_MAX_SEQ_LEN, spec.max_positions)
+        if options.max_seq_len is None:
+            S = min(DEFAULT_MAX_SEQ_LEN, spec.default_context)
+        else:
+            S = min(options.max_seq_len, spec.max_positions)
         if S < 2:
             raise LlmToolError(f"max sequence length must be at least 2 (got {S})")
         T = min(DEFAULT_PREFILL_LEN, S) if options.prefill_len is None else options.prefill_len

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output, write_bytes
 from llmtool.formats import metadata as keys
 from llmtool.formats.tflite_model import read_metadata
+from llmtool.spec import ModelSpec
 from llmtool.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model.bin"
@@ -79,12 +79,15 @@ def remembered_digest(path: Path) -> str:
     return digest
 
 
-def graph_seq_len(max_positions: int, max_tokens: int) -> int:
-    """The KV cache of the graph exported for a request: one length per model (its context,
-    at most DEFAULT_MAX_SEQ_LEN) unless more tokens are asked for."""
+def graph_seq_len(spec: ModelSpec, max_tokens: int) -> int:
+    """The KV cache of the graph exported for a request: one length per model (its default
+    context, at most DEFAULT_MAX_SEQ_LEN) unless more tokens are asked for."""
+    default = min(spec.default_context, DEFAULT_MAX_SEQ_LEN)
+    if max_tokens <= default:
+        return default
     if max_tokens <= DEFAULT_MAX_SEQ_LEN:
-        return min(max_positions, DEFAULT_MAX_SEQ_LEN)
-    return min(max_positions, max_tokens)
+        return min(spec.max_positions, DEFAULT_MAX_SEQ_LEN)
+    return min(spec.max_positions, max_tokens)
 
 
 def resolve_graph(
@@ -111,11 +114,9 @@ def resolve_graph(
     tokenizer = Tokenizer.from_files(files)
     if graph:
         return path, tokenizer
-    try:
-        max_positions = int(json.loads(spec_json)["max_positions"]) if spec_json else max_tokens
-    except (ValueError, KeyError, TypeError):
-        raise LlmToolError("the model's llmtool.model_spec is unreadable", path) from None
-    seq_len = graph_seq_len(max_positions, max_tokens)
+    if not spec_json:
+        raise LlmToolError("not a converted model (no llmtool.model_spec)", path)
+    seq_len = graph_seq_len(ModelSpec.from_json(spec_json, path), max_tokens)
     key = f"{remembered_digest(path)}|{seq_len}|{__version__}"
     lora = {"lora_rank": lora_rank, "lora_targets": tuple(lora_targets)} if lora_rank else {}
     if lora:

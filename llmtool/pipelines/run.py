@@ -19,7 +19,6 @@ from llmtool.formats.lora_file import LORA_ROLES, LoraFile
 from llmtool.formats.tflite_model import read_model
 from llmtool.pipelines.resolve import PromptTemplate, bundle_kind, resolve_bundle, resolve_graph
 from llmtool.runtime.inference import (
-    DEFAULT_MAX_TOKENS,
     GenerationResult,
     InferenceSession,
     LlmInferenceOptions,
@@ -47,9 +46,9 @@ class LlmInference(InferenceSession):
         if options.lora_path is not None:
             with LoraFile(options.lora_path) as lora:
                 rank, targets = lora.info.stored_rank, lora.targets
-        graph_path, tokenizer = resolve_graph(
-            path, options.max_tokens or DEFAULT_MAX_TOKENS, rank, targets
-        )
+        # No max tokens asked for: the model's default graph (512 tokens are then used,
+        # capped at its cache).
+        graph_path, tokenizer = resolve_graph(path, options.max_tokens or 0, rank, targets)
         return cls.from_graph(graph_path, tokenizer, options)  # type: ignore[return-value]
 
     def prompt_ids(
@@ -99,7 +98,7 @@ class LlmInference(InferenceSession):
         rank = max(self.engine.lora_rank, lora.info.stored_rank)
         wanted = set(self.engine.lora_targets) | set(lora.targets)
         targets = tuple(r for r in LORA_ROLES if r in wanted)
-        max_tokens = self.options.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = self.options.max_tokens or 0  # the same graph as create_from_options
         graph_path, _ = resolve_graph(self.options.model_path, max_tokens, rank, targets)
         engine = open_engine(graph_path, self.options.num_threads)
         with self._lock:
