@@ -12,7 +12,7 @@ its own process). Then it bundles the largest graph as .task and .litertlm and r
 bundler's peak RSS (wait4). Files go to --work and are deleted as soon as they are measured.
 
     flock /work/coord/bench.lock python scripts/bench_bundle.py --work /tmp/bench-bundle \\
-        [--before /tmp/llmtool-before] [--repeat 3] [--json]
+        [--before /tmp/llmtool-before] [--repeat 3] [--no-decode] [--json]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +59,10 @@ print("@@" + json.dumps({"decode_tok_s": 32 / times[-1]}))
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (GB) and stdout of one child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # cwd: not the checkout, whose llmtool/ `python -c` would import ahead of PYTHONPATH
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tempfile.gettempdir()
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     out = proc.stdout.read().decode()
@@ -82,6 +86,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="llmtool sources of the version to compare")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
+    parser.add_argument(
+        "--no-decode", action="store_true", help="sizes and bundling memory only (no timing)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
@@ -124,7 +131,7 @@ def main() -> None:
             row[f"{version}_ratio"] = round(graph.stat().st_size / row["container_bytes"], 3)
             row[f"{version}_export_seconds"] = round(seconds, 1)
         speeds: dict[str, list[float]] = {v: [] for v in graphs}
-        for _ in range(args.repeat):  # interleaved, so load changes hit both alike
+        for _ in range(0 if args.no_decode else args.repeat):  # interleaved: load hits both
             for version, graph in graphs.items():
                 _, _, out = run(
                     [sys.executable, "-c", DECODE, str(graph)],
@@ -133,7 +140,8 @@ def main() -> None:
                 line = next(x for x in out.splitlines() if x.startswith("@@"))
                 speeds[version].append(json.loads(line[2:])["decode_tok_s"])
         for version, values in speeds.items():
-            row[f"{version}_decode_tok_s"] = round(statistics.median(values), 2)
+            if values:
+                row[f"{version}_decode_tok_s"] = round(statistics.median(values), 2)
         results["precisions"][name] = row
         after = graphs["after"]
         if biggest is None or after.stat().st_size > biggest[0]:
