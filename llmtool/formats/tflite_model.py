@@ -732,32 +732,29 @@ class ModelFile:
         self.close()
 
 
-def read_model(path: str | Path) -> ModelFile:
-    """Parse a .tflite file (memory-mapped); malformed files raise LlmToolError naming it."""
-    path = Path(path)
+def _map(path: Path) -> np.ndarray:
+    """The file's bytes, memory-mapped; a missing, short or unmappable file is refused."""
     if not path.is_file():
         raise LlmToolError("file not found", path)
     if path.stat().st_size < 8:
         raise LlmToolError("not a TFLite model (file too short)", path)
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        return np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise LlmToolError(f"cannot map file: {e}", path) from None
-    return _parse(data, path)
+
+
+def read_model(path: str | Path) -> ModelFile:
+    """Parse a .tflite file (memory-mapped); malformed files raise LlmToolError naming it."""
+    path = Path(path)
+    return _parse(_map(path), path)
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, bytes], bool]:
     """(metadata, is_graph) of a .tflite file without parsing its subgraphs: what a run needs
     to find its tokenizer and graph, at a fraction of read_model's cost on big models."""
     path = Path(path)
-    if not path.is_file():
-        raise LlmToolError("file not found", path)
-    if path.stat().st_size < 8:
-        raise LlmToolError("not a TFLite model (file too short)", path)
-    try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise LlmToolError(f"cannot map file: {e}", path) from None
+    data = _map(path)
     if bytes(data[4:8]) != FILE_IDENTIFIER or not 8 <= int(data[:4].view("<u4")[0]) < data.size:
         raise LlmToolError("not a TFLite model (no TFL3 file identifier)", path)
     try:
