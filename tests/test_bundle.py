@@ -21,7 +21,7 @@ from llmtool.runtime.inference import LlmInferenceOptions
 from tests.conftest import TOKENIZER_STYLE
 from tests.tiny_models import MODEL_TYPES
 
-ARCHS = MODEL_TYPES  # every row of the table the tiny fixtures cover
+ARCHS = (*MODEL_TYPES, "QWEN2")  # the eight rows of the seed table
 PROMPT = "the quick brown fox"
 NEW_TOKENS = 32
 

@@ -33,6 +33,7 @@ NEW_FIXTURES = {
     "GEMMA3_1B": "GEMMA3_1B",  # q/k norms, local/global layers with own rope, linear scaling
     "PHI_3": "PHI_3",  # fused qkv/gate_up, partial rotary, longrope (short factor), window
     "GEMMA3_4B": "GEMMA3_4B",  # the multimodal wrapper: text_config, language_model.* names
+    "QWEN2": "QWEN2",  # Qwen2 / Qwen2.5: QKV bias, GQA, untied head
 }
 
 
@@ -70,6 +71,7 @@ _LEGACY_VERSION = {
     "GEMMA3_1B": "4.50.0.dev0",
     "PHI_3": "4.40.2",
     "GEMMA3_4B": "4.50.0.dev0",
+    "QWEN2": "4.43.1",
 }
 
 
@@ -126,6 +128,11 @@ def _config(model_type: str, vocab_size: int) -> Any:
             **common, hidden_size=64, intermediate_size=192, num_key_value_heads=2,
             hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if model_type == "QWEN2":
+        return tf.Qwen2Config(
+            **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2,
+            hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
+            use_sliding_window=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if model_type == "QWEN3":
         return tf.Qwen3Config(
             **common, hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=32,
