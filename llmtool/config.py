@@ -5,7 +5,10 @@ A YAML file's keys are the dataclass field names; command-line flags override th
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from numbers import Integral, Real
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -115,6 +118,9 @@ class BundleConfig:
     model: str | None = None  # shortcut: a converted .bin gives graph, tokenizer and tokens
 
     def validate(self) -> None:
+        if isinstance(self.stop_tokens, str):
+            self.stop_tokens = [self.stop_tokens]
+        check_types(self)
         if not self.output_filename:
             raise LlmToolError("no output file: give --output-filename (.task or .litertlm)")
         if self.model and self.tflite_model:
@@ -124,11 +130,7 @@ class BundleConfig:
         if self.tflite_model and not self.tokenizer_model:
             raise LlmToolError("no tokenizer: give --tokenizer-model")
         if self.stop_tokens is not None:
-            if isinstance(self.stop_tokens, str):
-                self.stop_tokens = [self.stop_tokens]
-            if not isinstance(self.stop_tokens, list) or not all(
-                isinstance(t, str) and t for t in self.stop_tokens
-            ):
+            if not all(self.stop_tokens):
                 raise LlmToolError("stop_tokens must be a list of non-empty strings")
 
 
@@ -176,18 +178,30 @@ def merge_config(cls: type, yaml_path: str | Path | None, overrides: dict[str, A
 
 def check_types(config: Any, path: str | Path | None = None) -> None:
     """Every field holds the type its annotation names: YAML's `is_symmetric: "no"` is a str,
-    not false, and `attention_quant_bits: eight` is not a number; refuse both, naming the key."""
+    not false, and `attention_quant_bits: eight` is not a number; refuse both, naming the key.
+
+    The one type check of llmtool's options: configs read from YAML, option dataclasses built
+    in Python (ExportOptions, QuantizeOptions, ...) and, through check_arguments, the keyword
+    arguments of the pipeline functions."""
     hints = get_type_hints(type(config))
     for f in fields(config):
-        if f.name == "extra":
-            continue
-        value = getattr(config, f.name)
-        want = hints[f.name]
-        if not _matches(value, want):
-            raise LlmToolError(
-                f"{f.name} must be {_describe(want)} (got {type(value).__name__} {value!r})"[:200],
-                path,
-            )
+        if f.name != "extra":
+            _check_value(f.name, getattr(config, f.name), hints[f.name], path)
+
+
+def check_arguments(function: Callable[..., Any], **values: Any) -> None:
+    """check_types for a function's arguments, from its annotations (one line naming the
+    argument, e.g. `window must be a whole number (got str '8')`)."""
+    hints = get_type_hints(function)
+    for name, value in values.items():
+        _check_value(name, value, hints[name], None)
+
+
+def _check_value(name: str, value: Any, want: Any, path: str | Path | None) -> None:
+    if not _matches(value, want):
+        raise LlmToolError(
+            f"{name} must be {_describe(want)} (got {type(value).__name__} {value!r})"[:200], path
+        )
 
 
 def _matches(value: Any, want: Any) -> bool:
@@ -200,10 +214,10 @@ def _matches(value: Any, want: Any) -> bool:
         return value is None
     if want is bool:
         return isinstance(value, bool)
-    if want is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if want is int:  # numpy integers too, never a bool
+        return isinstance(value, Integral) and not isinstance(value, bool)
     if want is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, Real) and not isinstance(value, bool)
     if want is str:
         return isinstance(value, str)
     if origin in (list, tuple):
@@ -213,19 +227,36 @@ def _matches(value: Any, want: Any) -> bool:
         )
     if origin is dict:
         return isinstance(value, dict)
+    if origin is Callable:
+        return callable(value)
     return isinstance(value, origin or want)
 
 
 def _describe(want: Any) -> str:
     if get_origin(want) in (Union, UnionType):
-        parts = [_describe(a) for a in get_args(want) if a is not type(None)]
-        return " or ".join(parts) + (" (or absent)" if type(None) in get_args(want) else "")
+        args = get_args(want)
+        parts = [_describe(a) for a in args if a is not type(None)]
+        if "a path" in parts and "a string" in parts:  # str | os.PathLike: a path
+            parts.remove("a string")
+        return " or ".join(parts) + (" (or absent)" if type(None) in args else "")
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
     if want in names:
         return names[want]
-    if get_origin(want) in (list, tuple):
-        return "a list"
+    origin = get_origin(want)
+    if origin in (list, tuple):
+        args = [a for a in get_args(want) if a is not Ellipsis]
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if origin is os.PathLike or (isinstance(want, type) and issubclass(want, os.PathLike)):
+        return "a path"
+    if origin is Callable:
+        return "a function"
     return getattr(want, "__name__", str(want))
+
+
+def _plural(want: Any) -> str:
+    return {int: "whole numbers", str: "strings", float: "numbers"}.get(want, _describe(want))
 
 
 def _is_path_field(name: str) -> bool:

@@ -415,6 +415,102 @@ def test_python_api_types(small_graph):
                 llm.generate_response_async(prompt)
 
 
+def test_python_api_option_types(converted, small_graph, tiny_model, tmp_path):
+    """Every options object and pipeline function a Python user calls checks its values before
+    any work: one line naming the field, nothing written, inputs untouched."""
+    from llmtool.config import BundleConfig, ReleaseConfig
+    from llmtool.pipelines.bundle import bundle
+    from llmtool.pipelines.evaluate import evaluate
+    from llmtool.pipelines.lora_convert import lora_convert
+    from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
+    from llmtool.pipelines.release import plan_release
+
+    model, ckpt = converted("LLAMA"), tiny_model("LLAMA")
+    text = tmp_path / "text.txt"
+    text.write_text("some text " * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = digests(model, small_graph, ckpt, text)
+
+    def export(**kw):
+        return export_graph(model, out / "g.tflite", ExportOptions(**kw))
+
+    def quantize(**kw):
+        return quantize_model(model, out / "q.bin", QuantizeOptions(**kw))
+
+    def bundle_(**kw):
+        args = {"tflite_model": str(small_graph), "tokenizer_model": str(ckpt)}
+        return bundle(BundleConfig(**{**args, "output_filename": str(out / "b.task"), **kw}))
+
+    def release_(**kw):
+        args = {"name": "r", "model_type": "LLAMA", "input_ckpt": str(ckpt)}
+        return plan_release(ReleaseConfig(**{**args, "output_dir": str(out / "rel"), **kw}))
+
+    def evaluate_(**kw):
+        return evaluate(**{"model": str(model), "text_file": str(text), **kw})
+
+    def lora(**kw):
+        return lora_convert(**{"lora_ckpt": ckpt, "base_model": model, "output": out, **kw})
+
+    cases = [
+        (export, {"max_seq_len": "64"}, "max_seq_len must be a whole number (or absent)"),
+        (export, {"prefill_len": True}, "prefill_len must be a whole number"),
+        (export, {"prefill_len": 0}, "prefill length must be between 1 and the KV cache length"),
+        (export, {"kv_buckets": [16, "x"]}, "kv_buckets must be a list of whole numbers"),
+        (export, {"kv_buckets": (0,)}, "KV bucket 0 must be between 1"),
+        (export, {"lora_rank": -1}, "LoRA rank must be positive (got -1)"),
+        (export, {"lora_targets": "qv"}, "lora_targets must be a list of strings (got str"),
+        (export, {"lora_targets": ("q", "x")}, "unknown LoRA targets ['x']"),
+        (export, {"short_prefill_len": -1}, "short prefill length must be at least 0"),
+        (export, {"short_prefill_len": 2.0}, "short_prefill_len must be a whole number"),
+        (quantize, {"mode": 8}, "mode must be a string (got int 8)"),
+        (quantize, {"mode": "int3"}, "unknown mode 'int3'"),
+        (quantize, {"mode": "int4", "block_size": "32"}, "block_size must be a whole number"),
+        (quantize, {"mode": "int4", "block_size": -32}, "block size must be 32, 64, 128 or 0"),
+        (quantize, {"attention_bits": 8.0}, "attention_bits must be a whole number"),
+        (quantize, {"embedding_bits": 3}, "--embedding-bits must be 32, 16, 8 or 4 (got 3)"),
+        (quantize, {"calibration_data": [str(text)]}, "calibration_data must be a path"),
+        (quantize, {"float_source": 3}, "float_source must be a path (or absent)"),
+        (quantize, {"calibration_samples": "32"}, "calibration_samples must be a whole number"),
+        (quantize, {"calibration_samples": 0}, "calibration samples must be at least 1"),
+        (bundle_, {"tflite_model": [str(small_graph)]}, "tflite_model must be a string"),
+        (bundle_, {"stop_tokens": [1]}, "stop_tokens must be a list of strings"),
+        (bundle_, {"enable_bytes_to_unicode_mapping": "no"}, "must be true or false"),
+        (release_, {"prefill_len": "64"}, "prefill_len must be a whole number"),
+        (release_, {"backends": "cpu"}, "backends must be a list of strings"),
+        (release_, {"eval_kl": "yes"}, "eval_kl must be true or false"),
+        (release_, {"smoke_max_tokens": -1}, "smoke.max_tokens must be between 0"),
+        (evaluate_, {"window": "8"}, "window must be a whole number (got str '8')"),
+        (evaluate_, {"max_windows": 0}, "max windows must be at least 1 (got 0)"),
+        (evaluate_, {"text_file": None}, "text_file must be a path (got NoneType None)"),
+        (evaluate_, {"num_threads": True}, "num_threads must be a whole number"),
+        (lora, {"lora_rank": "4"}, "lora_rank must be a whole number"),
+        (lora, {"lora_rank": 0}, "--lora-rank must be at least 1 (got 0)"),
+        (lora, {"backend": "tpu"}, "backend must be cpu or gpu (got 'tpu')"),
+        (lora, {"lora_ckpt": [str(ckpt)]}, "lora_ckpt must be a path"),
+    ]
+    for call, kwargs, needle in cases:
+        with pytest.raises(LlmToolError) as info:
+            call(**kwargs)
+        message = str(info.value)
+        assert needle in message and "\n" not in message, (kwargs, message)
+        assert not list(out.iterdir()), (kwargs, list(out.iterdir()))
+    with pytest.raises(LlmToolError, match="options must be ExportOptions"):
+        export_graph(model, out / "g.tflite", {"max_seq_len": 64})  # type: ignore[arg-type]
+    with pytest.raises(LlmToolError, match="options must be QuantizeOptions"):
+        quantize_model(model, out / "q.bin", "int8")  # type: ignore[arg-type]
+    assert digests(model, small_graph, ckpt, text) == before
+    # the same text as the command line's (a range the CLI can reach)
+    p = llmtool("quantize", str(model), str(out / "q.bin"), "--embedding-bits", "3")
+    assert one_line_error(p) == str(_raised(quantize, embedding_bits=3))
+
+
+def _raised(call, **kwargs) -> LlmToolError:
+    with pytest.raises(LlmToolError) as info:
+        call(**kwargs)
+    return info.value
+
+
 # ------------------------------------------------------------------------------------------
 # Silently wrong
 

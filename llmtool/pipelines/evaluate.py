@@ -14,6 +14,7 @@ next-token distributions, top-1 agreement, and greedy agreement over 32 generate
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtool.config import check_arguments
 from llmtool.errors import LlmToolError
 from llmtool.pipelines.quiet import quiet
 from llmtool.pipelines.run import LlmInference
@@ -119,14 +121,24 @@ def _greedy(scorer: _Scorer, prompt: list[int], n: int) -> list[int]:
 
 
 def evaluate(
-    model: str | None,
-    text_file: str | Path,
+    model: str | os.PathLike[str] | None,
+    text_file: str | os.PathLike[str],
     window: int = 256,
     max_windows: int | None = None,
     num_threads: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
-    reference: str | None = None,
+    reference: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
+    check_arguments(
+        evaluate,
+        model=model,
+        text_file=text_file,
+        window=window,
+        max_windows=max_windows,
+        num_threads=num_threads,
+        progress=progress,
+        reference=reference,
+    )
     path = Path(text_file)
     try:
         text = path.read_text(encoding="utf-8")

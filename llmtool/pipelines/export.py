@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtool.config import check_types
 from llmtool.decoder import build_graph
 from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap
@@ -42,6 +43,22 @@ class ExportOptions:
     # A short prefill in the first bucket only: a short prompt costs one pass over the
     # weights instead of a padded long chunk or one decode step per token. 0: none.
     short_prefill_len: int = 8
+
+    def validate(self) -> None:
+        """Types (from the annotations) and the ranges that do not depend on the model; the
+        rest (lengths against the model's context) are checked by export_graph."""
+        check_types(self)
+        if self.lora_rank < 0:
+            raise LlmToolError(f"LoRA rank must be positive (got {self.lora_rank})")
+        unknown = sorted(set(self.lora_targets) - set(LORA_ROLES))
+        if unknown or not self.lora_targets:
+            raise LlmToolError(
+                f"unknown LoRA targets {unknown} (use some of {', '.join(LORA_ROLES)})"
+            )
+        if self.short_prefill_len < 0:
+            raise LlmToolError(
+                f"short prefill length must be at least 0 (got {self.short_prefill_len})"
+            )
 
 
 def default_buckets(seq_len: int) -> tuple[int, ...]:
@@ -78,6 +95,9 @@ def export_graph(
 ) -> dict[str, Any]:
     """Write the prefill/decode graph of a converted container; returns a summary."""
     options = options or ExportOptions()
+    if not isinstance(options, ExportOptions):
+        raise LlmToolError(f"options must be ExportOptions (got {type(options).__name__})")
+    options.validate()
     report = progress or (lambda done, total, what: None)
     output = Path(output_path)
     refuse_overlap(output, [container_path])
@@ -126,13 +146,8 @@ def export_graph(
 
 def _lora_targets(spec: ModelSpec, options: ExportOptions) -> tuple[str, ...]:
     """The LoRA roles in decoder order; `gate` only exists in gated MLPs."""
-    if options.lora_rank < 0:
-        raise LlmToolError(f"LoRA rank must be positive (got {options.lora_rank})")
     if not options.lora_rank:
         return ()
-    unknown = sorted(set(options.lora_targets) - set(LORA_ROLES))
-    if unknown or not options.lora_targets:
-        raise LlmToolError(f"unknown LoRA targets {unknown} (use some of {', '.join(LORA_ROLES)})")
     return tuple(
         r for r in LORA_ROLES if r in options.lora_targets and (r != "gate" or spec.gated_mlp)
     )

@@ -27,6 +27,7 @@ import numpy as np
 from llmtool._version import __version__
 from llmtool.architectures import Architecture, TensorRule, get_architecture, lora_rows
 from llmtool.checkpoint import Checkpoint, read_json
+from llmtool.config import check_arguments
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container
@@ -63,6 +64,15 @@ def lora_convert(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Convert one adapter for the converted base `base_model`; returns a JSON-able summary."""
+    check_arguments(
+        lora_convert,
+        lora_ckpt=lora_ckpt,
+        base_model=base_model,
+        output=output,
+        lora_rank=lora_rank,
+        backend=backend,
+        progress=progress,
+    )
     report = progress or (lambda done, total, what: None)
     start = time.perf_counter()
     if backend not in ("cpu", "gpu"):

@@ -22,6 +22,7 @@ from. Outputs are written to a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option
+from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option, check_types
 from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap, write_bytes
 from llmtool.formats import metadata as keys
@@ -57,11 +58,13 @@ Progress = Callable[[int, int, str], None]
 class QuantizeOptions:
     mode: str = "dynamic-int8"
     block_size: int | None = None  # int4: None = 32 where it divides the row, 0 = per channel
-    calibration_data: str | None = None  # full-int8 / int16x8: text (one sample a line) or .npz
+    # full-int8 / int16x8: text (one sample a line) or .npz
+    calibration_data: str | os.PathLike[str] | None = None
     attention_bits: int | None = None  # per-kind overrides (containers): 32, 16, 8 or 4
     feedforward_bits: int | None = None
     embedding_bits: int | None = None
-    float_source: str | None = None  # float container to take already-quantized tensors from
+    # a float container to take already-quantized tensors from
+    float_source: str | os.PathLike[str] | None = None
     calibration_samples: int = 32  # at most this many calibration lines / arrays
 
 
@@ -106,6 +109,11 @@ def quantize_model(
 
 
 def _check_options(o: QuantizeOptions) -> None:
+    if not isinstance(o, QuantizeOptions):
+        raise LlmToolError(f"options must be QuantizeOptions (got {type(o).__name__})")
+    check_types(o)
+    if o.calibration_samples < 1:
+        raise LlmToolError(f"calibration samples must be at least 1 (got {o.calibration_samples})")
     if o.mode not in MODES:
         raise LlmToolError(f"unknown mode {o.mode!r} (use {', '.join(MODES)})")
     check_block_size_option(o.block_size)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtool._version import __version__
-from llmtool.config import ConversionConfig, ReleaseConfig
+from llmtool.config import ConversionConfig, ReleaseConfig, check_types
 from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output, write_bytes
 
@@ -131,6 +131,7 @@ class ReleasePlan:
 def check_config(config: ReleaseConfig) -> None:
     """Refuse what this llmtool cannot build, with one line naming the config file."""
     where = config.source
+    check_types(config, where)
 
     def fail(message: str) -> LlmToolError:
         return LlmToolError(message, where)
