@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -745,47 +746,20 @@ def _map(path: Path) -> np.ndarray:
 
 
 def read_model(path: str | Path) -> ModelFile:
-    """Parse a .tflite file (memory-mapped); malformed files raise LlmToolError naming it."""
+    """Open a .tflite file (memory-mapped): its tables are checked now, and its tensors and
+    operators unpacked when first used; malformed files raise LlmToolError naming it."""
     path = Path(path)
     return _parse(_map(path), path)
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, bytes], bool]:
-    """(metadata, is_graph) of a .tflite file without parsing its subgraphs: what a run needs
-    to find its tokenizer and graph, at a fraction of read_model's cost on big models."""
-    path = Path(path)
-    data = _map(path)
-    if bytes(data[4:8]) != FILE_IDENTIFIER or not 8 <= int(data[:4].view("<u4")[0]) < data.size:
-        raise LlmToolError("not a TFLite model (no TFL3 file identifier)", path)
-    try:
-        model = schema.Model.GetRootAs(data, 0)
-        if model.Version() != SCHEMA_VERSION:
-            raise LlmToolError(
-                f"unsupported TFLite schema version {model.Version()} (expected 3)", path
-            )
-        metadata = {}
-        for i in range(model.MetadataLength()):
-            m = model.Metadata(i)
-            b = _buffer_info(model.Buffers(m.Buffer()))
-            if b.offset + b.size > data.size:
-                raise LlmToolError(
-                    f"metadata {_str(m.Name())!r} lies beyond the end of the file", path
-                )
-            metadata[_str(m.Name())] = bytes(data[b.offset : b.offset + b.size])
-        graph = any(model.Subgraphs(i).OperatorsLength() for i in range(model.SubgraphsLength()))
-    except LlmToolError:
-        raise
-    except Exception as e:  # flatbuffers raises whatever struct/numpy raise on bad offsets
-        raise LlmToolError(
-            f"truncated or corrupt TFLite file ({type(e).__name__}: {e})", path
-        ) from None
-    finally:
-        del data
-    return metadata, graph
+    """(metadata, is_graph) of a .tflite file: what a run needs to find its tokenizer and graph."""
+    with read_model(path) as model:
+        return model.metadata, model.is_graph
 
 
 def read_model_at(path: str | Path, offset: int, size: int) -> ModelFile:
-    """Parse a model stored inside another file (a bundle entry), memory-mapped in place."""
+    """Open a model stored inside another file (a bundle entry), memory-mapped in place."""
     path = Path(path)
     try:
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
@@ -795,68 +769,213 @@ def read_model_at(path: str | Path, offset: int, size: int) -> ModelFile:
 
 
 def read_model_bytes(content: bytes) -> ModelFile:
-    """Parse a model held in memory (e.g. from `ModelWriter.to_bytes`)."""
+    """Open a model held in memory (e.g. from `ModelWriter.to_bytes`)."""
     return _parse(np.frombuffer(content, dtype=np.uint8), None)
+
+
+# The flatbuffer is read directly, not through the schema's object API (which unpacks every
+# field of every table into Python objects: a fifth of a second for a tiny graph, seconds for a
+# big one). Each table field is read at its vtable slot (4 + 2 * field id in schema.fbs, the
+# numbers the generated accessors use); every position is checked against the file's size, so a
+# damaged offset raises ValueError here instead of reading elsewhere. Slots used:
+#   Model: version 4, operator_codes 6, subgraphs 8, description 10, buffers 12, metadata 16,
+#          signature_defs 18
+#   SubGraph: tensors 4, inputs 6, outputs 8, operators 10, name 12
+#   Tensor: shape 4, type 6, buffer 8, name 10, quantization 12, is_variable 14,
+#           shape_signature 18
+#   QuantizationParameters: scale 8, zero_point 10, details_type 12, details 14,
+#           quantized_dimension 16;  BlockwiseQuantization: scales 4, block_size 8
+#   Operator: opcode_index 4, inputs 6, outputs 8, builtin_options_type 10, builtin_options 12,
+#           custom_options 14, builtin_options_2_type 26, builtin_options_2 28
+#   OperatorCode: deprecated_builtin_code 4, custom_code 6, version 8, builtin_code 10
+#   Buffer: data 4, offset 6, size 8;  Metadata: name 4, buffer 6
+#   SignatureDef: inputs 4, outputs 6, signature_key 8, subgraph_index 12;
+#   TensorMap: name 4, tensor_index 6
+
+_U8 = struct.Struct("<B").unpack_from
+_I8 = struct.Struct("<b").unpack_from
+_U16 = struct.Struct("<H").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+
+
+class _Table:
+    """One table of the flatbuffer in `buf`: field reads by vtable slot, bounds-checked."""
+
+    __slots__ = ("buf", "pos", "_vt", "_vtlen")
+
+    def __init__(self, buf: memoryview, pos: int):
+        vt = pos - _I32(buf, pos)[0]
+        if vt < 0:
+            raise ValueError(f"table at {pos} has its vtable before the file")
+        self.buf, self.pos, self._vt = buf, pos, vt
+        self._vtlen = _U16(buf, vt)[0]
+
+    def _at(self, slot: int) -> int:
+        """The field's position, 0 when absent (its default applies)."""
+        if slot >= self._vtlen:
+            return 0
+        o = _U16(self.buf, self._vt + slot)[0]
+        return self.pos + o if o else 0
+
+    def scalar(self, slot: int, read: Callable[..., tuple[int]], default: int = 0) -> int:
+        at = self._at(slot)
+        return read(self.buf, at)[0] if at else default
+
+    def table(self, slot: int) -> _Table | None:
+        at = self._at(slot)
+        return _Table(self.buf, at + _U32(self.buf, at)[0]) if at else None
+
+    def vector(self, slot: int, item_size: int) -> tuple[int, int] | None:
+        """(position of the first element, count); None when absent."""
+        at = self._at(slot)
+        if not at:
+            return None
+        start = at + _U32(self.buf, at)[0]
+        count = _U32(self.buf, start)[0]
+        if start + 4 + count * item_size > len(self.buf):
+            raise ValueError(f"a vector of {count} items at {start} runs past the end")
+        return start + 4, count
+
+    def tables(self, slot: int) -> list[int]:
+        """Positions of the tables of a vector of tables (each checked only when opened)."""
+        vec = self.vector(slot, 4)
+        if vec is None:
+            return []
+        start, count = vec
+        offsets = struct.unpack_from(f"<{count}I", self.buf, start)
+        return [start + 4 * i + o for i, o in enumerate(offsets)]
+
+    def ints(self, slot: int, code: str = "i") -> tuple[int, ...] | None:
+        vec = self.vector(slot, struct.calcsize("<" + code))
+        return None if vec is None else struct.unpack_from(f"<{vec[1]}{code}", self.buf, vec[0])
+
+    def array(self, slot: int, dtype: str) -> np.ndarray | None:
+        vec = self.vector(slot, np.dtype(dtype).itemsize)
+        if vec is None:
+            return None
+        return np.frombuffer(self.buf, dtype=dtype, count=vec[1], offset=vec[0])
+
+    def bytes(self, slot: int) -> bytes | None:
+        vec = self.vector(slot, 1)
+        return None if vec is None else bytes(self.buf[vec[0] : vec[0] + vec[1]])
+
+    def string(self, slot: int) -> str:
+        raw = self.bytes(slot)
+        return "" if raw is None else raw.decode("utf-8")  # UnicodeDecodeError: a damaged file
+
+
+class _Corrupt:
+    """Turns what a damaged flatbuffer makes Python raise into one LlmToolError naming the file."""
+
+    def __init__(self, what: object):
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if kind is None or issubclass(kind, LlmToolError) or not issubclass(kind, Exception):
+            return
+        raise LlmToolError(f"truncated or corrupt TFLite file ({kind.__name__}: {exc})", self.what)
+
+
+class _Lazy(Sequence):
+    """A read-only list whose items are unpacked from the file when first used."""
+
+    __slots__ = ("_make", "_items", "_corrupt")
+
+    def __init__(self, count: int, make: Callable[[int], Any], corrupt: _Corrupt):
+        self._make, self._items, self._corrupt = make, [None] * count, corrupt
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._items)))]
+        item = self._items[index]  # IndexError as a list's, negative indices count from the end
+        if item is None:
+            with self._corrupt:
+                item = self._make(index % len(self._items))
+            self._items[index] = item
+        return item
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (list, tuple, _Lazy)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+class _ReadOperator(Operator):
+    """An operator of a read file: its builtin options are unpacked when first asked for."""
+
+    _table: _Table
+    _corrupt: _Corrupt
+
+    def __getattr__(self, name: str) -> Any:  # only called while `options` is still unset
+        if name != "options":
+            raise AttributeError(name)
+        with self._corrupt:
+            self.options = _read_options(self._table)
+        return self.options
+
+
+def _read_options(op: _Table) -> dict[str, Any]:
+    for type_slot, slot, creator in (
+        (10, 12, schema.BuiltinOptionsCreator),
+        (26, 28, schema.BuiltinOptions2Creator),
+    ):
+        kind, at = op.scalar(type_slot, _U8), op._at(slot)
+        if kind and at:
+            table = flatbuffers.table.Table(op.buf, at + _U32(op.buf, at)[0])
+            return _options_dict(creator(kind, table))
+    return {}
 
 
 def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
     what = path if path is not None else "<bytes>"
     if data.size < 8 or bytes(data[4:8]) != FILE_IDENTIFIER:
         raise LlmToolError("not a TFLite model (no TFL3 file identifier)", what)
-    root_offset = int(data[:4].view("<u4")[0])
-    if not 8 <= root_offset <= data.size - 4:
-        raise LlmToolError("truncated or corrupt TFLite file", what)
-    try:
-        model = schema.Model.GetRootAs(data, 0)
-        if model.Version() != SCHEMA_VERSION:
-            raise LlmToolError(
-                f"unsupported TFLite schema version {model.Version()} (expected 3)", what
-            )
-        buffers = [_buffer_info(model.Buffers(i)) for i in range(model.BuffersLength())]
+    buf = memoryview(data).cast("B")
+    corrupt = _Corrupt(what)
+    with corrupt:
+        root = _U32(buf, 0)[0]
+        if not 8 <= root <= len(buf) - 4:
+            raise LlmToolError("truncated or corrupt TFLite file", what)
+        model = _Table(buf, root)
+        version = model.scalar(4, _U32)
+        if version != SCHEMA_VERSION:
+            raise LlmToolError(f"unsupported TFLite schema version {version} (expected 3)", what)
+        buffers = [_buffer_info(_Table(buf, at)) for at in model.tables(12)]
         for i, b in enumerate(buffers):
-            if b.offset + b.size > data.size:
+            if b.offset + b.size > len(buf):
                 raise LlmToolError(
                     f"buffer {i} ({b.size} bytes at {b.offset}) lies beyond the end of the "
-                    f"file ({data.size} bytes): truncated?",
+                    f"file ({len(buf)} bytes): truncated?",
                     what,
                 )
         opcodes = []
-        for i in range(model.OperatorCodesLength()):
-            oc = model.OperatorCodes(i)
-            code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-            custom = oc.CustomCode()
-            opcodes.append((code, oc.Version(), custom.decode() if custom else None))
+        for at in model.tables(6):
+            oc = _Table(buf, at)
+            code = max(oc.scalar(10, _I32), oc.scalar(4, _I8))
+            custom = oc.bytes(6)
+            opcodes.append((code, oc.scalar(8, _I32, 1), custom.decode() if custom else None))
         subgraphs = [
-            _subgraph_from(schema.SubGraphT.InitFromObj(model.Subgraphs(i)), opcodes)
-            for i in range(model.SubgraphsLength())
+            _subgraph(_Table(buf, at), opcodes, len(buffers), corrupt) for at in model.tables(8)
         ]
-        signatures = []
-        for i in range(model.SignatureDefsLength()):
-            s = schema.SignatureDefT.InitFromObj(model.SignatureDefs(i))
-            signatures.append(
-                Signature(
-                    key=_str(s.signatureKey),
-                    subgraph_index=int(s.subgraphIndex),
-                    inputs={_str(m.name): int(m.tensorIndex) for m in s.inputs or []},
-                    outputs={_str(m.name): int(m.tensorIndex) for m in s.outputs or []},
-                )
-            )
+        signatures = [_signature(_Table(buf, at), subgraphs, what) for at in model.tables(18)]
         metadata, metadata_index = {}, {}
-        for i in range(model.MetadataLength()):
-            m = model.Metadata(i)
-            metadata_index[_str(m.Name())] = int(m.Buffer())
-            if m.Buffer() < len(buffers):
-                b = buffers[m.Buffer()]
-                metadata[_str(m.Name())] = bytes(data[b.offset : b.offset + b.size])
-        description = _str(model.Description())
-        version = int(model.Version())
-        _check_indices(subgraphs, signatures, len(buffers), what)
-    except LlmToolError:
-        raise
-    except Exception as e:  # flatbuffers raises whatever struct/numpy raise on bad offsets
-        raise LlmToolError(
-            f"truncated or corrupt TFLite file ({type(e).__name__}: {e})", what
-        ) from None
+        for at in model.tables(16):
+            m = _Table(buf, at)
+            name, index = m.string(4), m.scalar(6, _U32)
+            metadata_index[name] = index
+            if index < len(buffers):
+                b = buffers[index]
+                metadata[name] = bytes(buf[b.offset : b.offset + b.size])
+        description = model.string(10)
     return ModelFile(
         path=path,
         version=version,
@@ -870,94 +989,181 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
     )
 
 
-def _check_indices(
-    subgraphs: list[Subgraph], signatures: list[Signature], n_buffers: int, what: object
-) -> None:
-    """Every index the file holds points inside its table (a damaged file says so here, not
-    with an IndexError, or a crash in a runtime, later)."""
-    for sg in subgraphs:
-        n = len(sg.tensors)
-        for t in sg.tensors:
-            if not 0 <= t.buffer < n_buffers:
-                raise LlmToolError(f"tensor {t.name!r} names buffer {t.buffer}: corrupt file", what)
-        for op in sg.operators:
-            if any(not -1 <= i < n for i in (*op.inputs, *op.outputs)):
-                raise LlmToolError(f"an operator of {sg.name!r} names a missing tensor", what)
-        if any(not 0 <= i < n for i in (*sg.inputs, *sg.outputs)):
-            raise LlmToolError(f"subgraph {sg.name!r} names a missing tensor", what)
-    for s in signatures:
-        if not 0 <= s.subgraph_index < len(subgraphs):
-            raise LlmToolError(f"signature {s.key!r} names a missing subgraph", what)
-        n = len(subgraphs[s.subgraph_index].tensors)
-        if any(not 0 <= i < n for i in (*s.inputs.values(), *s.outputs.values())):
-            raise LlmToolError(f"signature {s.key!r} names a missing tensor", what)
-
-
-def _str(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _buffer_info(b: Any) -> BufferInfo:
-    offset, size = int(b.Offset()), int(b.Size())
+def _buffer_info(b: _Table) -> BufferInfo:
+    offset, size = b.scalar(6, _U64), b.scalar(8, _U64)
     if offset > 1:
         return BufferInfo(offset, size, True)
-    o = b._tab.Offset(4)  # the inline `data` vector
-    if o:
-        return BufferInfo(b._tab.Vector(o), b._tab.VectorLen(o), False)
-    return BufferInfo(0, 0, False)
+    inline = b.vector(4, 1)
+    return BufferInfo(inline[0], inline[1], False) if inline else BufferInfo(0, 0, False)
 
 
-def _subgraph_from(sg: Any, opcodes: list[tuple[int, int, str | None]]) -> Subgraph:
-    tensors = []
-    for t in sg.tensors or []:
-        q = None
-        qp = t.quantization
-        if (
-            qp is not None
-            and qp.detailsType == schema.QuantizationDetails.BlockwiseQuantization
-            and qp.details is not None
-        ):
-            q = Quantization.blockwise(int(qp.details.scales), int(qp.details.blockSize))
-        elif qp is not None and qp.scale is not None and len(qp.scale):
-            zp = qp.zeroPoint if qp.zeroPoint is not None else np.zeros(len(qp.scale), np.int64)
-            q = Quantization(scale=qp.scale, zero_point=zp, axis=int(qp.quantizedDimension))
-        sig = t.shapeSignature
-        tensors.append(
-            Tensor(
-                name=_str(t.name),
-                shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
-                dtype=_TYPE_NAMES.get(t.type, f"type{t.type}"),
-                buffer=int(t.buffer),
-                quantization=q,
-                shape_signature=tuple(int(d) for d in sig) if sig is not None else None,
-                is_variable=bool(t.isVariable),
-            )
+class _Columns:
+    """The same field of many tables at once (numpy gathers): how every tensor's buffer and
+    every operator's tensors are checked without a Python loop over a big graph."""
+
+    def __init__(self, buf: memoryview):
+        self.bytes = np.frombuffer(buf, dtype=np.uint8)
+
+    def read(self, at: np.ndarray, dtype: str) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        if at.size and (at.min() < 0 or at.max() + size > self.bytes.size):
+            raise ValueError("a table field lies outside the file")
+        return self.bytes[at[:, None] + np.arange(size)].view(dtype).reshape(-1)
+
+    def tables(self, vector: tuple[int, int] | None) -> np.ndarray:
+        """Positions of the tables of a vector of tables (from _Table.vector(slot, 4))."""
+        if vector is None:
+            return np.zeros(0, np.int64)
+        start, count = vector
+        offsets = np.frombuffer(self.bytes, "<u4", count, start).astype(np.int64)
+        return start + 4 * np.arange(count, dtype=np.int64) + offsets
+
+    def fields(self, tables: np.ndarray, slot: int) -> np.ndarray:
+        """Each table's field position, 0 where the field is absent."""
+        vtables = tables - self.read(tables, "<i4")
+        has = self.read(vtables, "<u2") > slot
+        offsets = np.zeros(tables.size, np.int64)
+        offsets[has] = self.read(vtables[has] + slot, "<u2")
+        return np.where(offsets > 0, tables + offsets, 0)
+
+    def scalars(self, tables: np.ndarray, slot: int, dtype: str) -> np.ndarray:
+        at = self.fields(tables, slot)
+        out = np.zeros(tables.size, np.int64)
+        out[at > 0] = self.read(at[at > 0], dtype)
+        return out
+
+    def int_vectors(self, tables: np.ndarray, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(all int32 values of each table's vector field, concatenated; counts per table)."""
+        at = self.fields(tables, slot)
+        present = at > 0
+        starts = np.zeros(tables.size, np.int64)
+        starts[present] = at[present] + self.read(at[present], "<u4")
+        counts = np.zeros(tables.size, np.int64)
+        counts[present] = self.read(starts[present], "<u4")
+        if counts.sum() * 4 > self.bytes.size:  # more values than the file can hold
+            raise ValueError("operator tensor lists overlap or run past the end")
+        ends = np.cumsum(counts)
+        element = np.arange(int(ends[-1]) if ends.size else 0) - np.repeat(ends - counts, counts)
+        return self.read(np.repeat(starts + 4, counts) + 4 * element, "<i4"), counts
+
+
+def _subgraph(
+    sg: _Table, opcodes: list[tuple[int, int, str | None]], n_buffers: int, corrupt: _Corrupt
+) -> Subgraph:
+    """A subgraph whose tensors and operators are unpacked when first used. Every index they
+    hold is checked now (buffers, tensors, operator codes), so that a damaged file fails here,
+    not with an IndexError, or a crash in a runtime, later."""
+    name, what = sg.string(12), corrupt.what
+    columns = _Columns(sg.buf)
+    tensors = columns.tables(sg.vector(4, 4))
+    operators = columns.tables(sg.vector(10, 4))
+    n = len(tensors)
+    buffer_ids = columns.scalars(tensors, 8, "<u4")
+    bad = np.flatnonzero(buffer_ids >= n_buffers)
+    if bad.size:
+        tensor = _Table(sg.buf, int(tensors[bad[0]])).string(10)
+        raise LlmToolError(
+            f"tensor {tensor!r} names buffer {buffer_ids[bad[0]]}: corrupt file", what
         )
-    operators = []
-    for o in sg.operators or []:
-        code, version, custom = opcodes[o.opcodeIndex]
-        name = _BUILTIN_NAMES.get(code, f"BUILTIN_{code}")
-        opts = o.builtinOptions if o.builtinOptions is not None else o.builtinOptions2
-        custom_options = o.customOptions
-        operators.append(
-            Operator(
-                op=name,
-                inputs=[int(i) for i in (o.inputs if o.inputs is not None else [])],
-                outputs=[int(i) for i in (o.outputs if o.outputs is not None else [])],
-                options=_options_dict(opts),
-                version=int(version),
-                custom_code=custom,
-                custom_options=bytes(np.asarray(custom_options, np.uint8))
-                if custom_options is not None
-                else None,
-            )
-        )
+    codes = columns.scalars(operators, 4, "<u4")
+    if (codes >= len(opcodes)).any():
+        raise LlmToolError(f"an operator of {name!r} names a missing operator code", what)
+    lists = [columns.int_vectors(operators, slot) for slot in (6, 8)]  # inputs, outputs
+    for values, _ in lists:  # -1: an omitted optional input
+        if values.size and (values.min() < -1 or values.max() >= n):
+            raise LlmToolError(f"an operator of {name!r} names a missing tensor", what)
+    inputs, outputs = list(sg.ints(6) or ()), list(sg.ints(8) or ())
+    if any(not 0 <= i < n for i in (*inputs, *outputs)):
+        raise LlmToolError(f"subgraph {name!r} names a missing tensor", what)
+    (ins, in_counts), (outs, out_counts) = lists
+    in_ends, out_ends = np.cumsum(in_counts), np.cumsum(out_counts)
+
+    def operator(i: int) -> Operator:
+        op_inputs = ins[in_ends[i] - in_counts[i] : in_ends[i]].tolist()
+        op_outputs = outs[out_ends[i] - out_counts[i] : out_ends[i]].tolist()
+        table = _Table(sg.buf, int(operators[i]))
+        return _operator(table, opcodes[codes[i]], op_inputs, op_outputs, corrupt)
+
     return Subgraph(
-        name=_str(sg.name),
-        tensors=tensors,
-        inputs=[int(i) for i in (sg.inputs if sg.inputs is not None else [])],
-        outputs=[int(i) for i in (sg.outputs if sg.outputs is not None else [])],
-        operators=operators,
+        name=name,
+        tensors=_Lazy(n, lambda i: _tensor(_Table(sg.buf, int(tensors[i])), n), corrupt),  # type: ignore[arg-type]
+        inputs=inputs,
+        outputs=outputs,
+        operators=_Lazy(len(operators), operator, corrupt),  # type: ignore[arg-type]
     )
+
+
+def _tensor(t: _Table, n_tensors: int) -> Tensor:
+    name = t.string(10)
+    shape = t.ints(4) or ()
+    signature = t.ints(18)
+    return Tensor(
+        name=name,
+        shape=shape,
+        dtype=_TYPE_NAMES.get(t.scalar(6, _I8), f"type{t.scalar(6, _I8)}"),
+        buffer=t.scalar(8, _U32),
+        quantization=_quantization(t.table(12), name, shape, n_tensors),
+        shape_signature=signature,
+        is_variable=bool(t.scalar(14, _U8)),
+    )
+
+
+def _quantization(
+    q: _Table | None, name: str, shape: tuple[int, ...], n_tensors: int
+) -> Quantization | None:
+    """A tensor's quantization; parameters that cannot describe it (LiteRT would refuse or
+    misread them) are refused as a damaged file."""
+    if q is None:
+        return None
+    if q.scalar(12, _U8) == schema.QuantizationDetails.BlockwiseQuantization:
+        details = q.table(14)
+        if details is not None:
+            scales, block = details.scalar(4, _I32), details.scalar(8, _I32)
+            if not 0 <= scales < n_tensors or block <= 0:
+                raise ValueError(f"tensor {name!r}: blockwise scales {scales}, block {block}")
+            return Quantization.blockwise(scales, block)
+    scale = q.array(8, "<f4")
+    if scale is None or not len(scale):
+        return None
+    zero_point = q.array(10, "<i8")
+    if zero_point is None:
+        zero_point = np.zeros(len(scale), np.int64)
+    axis = q.scalar(16, _I32)
+    if len(zero_point) != len(scale) or (
+        len(scale) > 1 and not (0 <= axis < len(shape) and shape[axis] == len(scale))
+    ):
+        raise ValueError(
+            f"tensor {name!r} {list(shape)}: {len(scale)} scales, {len(zero_point)} zero "
+            f"points along axis {axis}"
+        )
+    return Quantization(scale=scale, zero_point=zero_point, axis=axis)
+
+
+def _operator(
+    o: _Table,
+    opcode: tuple[int, int, str | None],
+    inputs: list[int],
+    outputs: list[int],
+    corrupt: _Corrupt,
+) -> Operator:
+    code, version, custom = opcode
+    op = _ReadOperator.__new__(_ReadOperator)  # `options` stays unset until asked for
+    op.op = _BUILTIN_NAMES.get(code, f"BUILTIN_{code}")
+    op.inputs, op.outputs = inputs, outputs
+    op.version, op.custom_code, op.custom_options = version, custom, o.bytes(14)
+    op._table, op._corrupt = o, corrupt
+    return op
+
+
+def _signature(s: _Table, subgraphs: list[Subgraph], what: object) -> Signature:
+    key, index = s.string(8), s.scalar(12, _U32)
+    sides = []
+    for slot in (4, 6):
+        maps = [_Table(s.buf, at) for at in s.tables(slot)]
+        sides.append({m.string(4): m.scalar(6, _U32) for m in maps})
+    if index >= len(subgraphs):
+        raise LlmToolError(f"signature {key!r} names a missing subgraph", what)
+    n = len(subgraphs[index].tensors)
+    if any(i >= n for side in sides for i in side.values()):
+        raise LlmToolError(f"signature {key!r} names a missing tensor", what)
+    return Signature(key=key, subgraph_index=index, inputs=sides[0], outputs=sides[1])

@@ -31,15 +31,14 @@ def describe_default() -> dict[str, Any]:
     return info
 
 
-def describe_graph(path: Path) -> dict[str, Any]:
-    """An exported graph: its signatures with their inputs and outputs."""
-    with read_model(path) as m:
-        info: dict[str, Any] = {"file": str(path), "file_bytes": Path(path).stat().st_size}
-        info.update(_graph_info(m))
-        files = keys.unpack_tokenizer(m.metadata)
-        info["tokenizer"] = Tokenizer.from_files(files).info() if files else None
-        info["tensors"] = []
-        return info
+def describe_graph(path: Path, m: ModelFile) -> dict[str, Any]:
+    """An exported graph (opened as `m`): its signatures with their inputs and outputs."""
+    info: dict[str, Any] = {"file": str(path), "file_bytes": Path(path).stat().st_size}
+    info.update(_graph_info(m))
+    files = keys.unpack_tokenizer(m.metadata)
+    info["tokenizer"] = Tokenizer.from_files(files).info() if files else None
+    info["tensors"] = []
+    return info
 
 
 def _meta_text(meta: dict[str, bytes], key: str, path: Path | None) -> str | None:
@@ -130,11 +129,11 @@ def describe(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_file() and (kind := bundle_kind(path)):
         return describe_bundle(path, kind)
-    with read_model(path) as m:
-        graph = m.is_graph
-    if graph:
-        return describe_graph(path)
-    with Container.open(path) as c:
+    model = read_model(path)  # parsed once, whatever the file is
+    if model.is_graph:
+        with model:
+            return describe_graph(path, model)
+    with Container(model, path) as c:
         meta = c.metadata
         spec = ModelSpec.from_json(meta[keys.MODEL_SPEC], path) if keys.MODEL_SPEC in meta else None
         conversion = _meta_json(meta, keys.CONVERSION, path) or {}
