@@ -6,8 +6,10 @@ Each case damages a copy of one file (a truncation, or a few bytes XORed; most o
 first 64 KiB, where the flatbuffer, zip headers and metadata live) and reads it the way
 `llmtool inspect` and `llmtool run` do before handing a graph to LiteRT. A case passes when the
 reader succeeds or raises LlmToolError; any other exception is a failure, printed with the case.
-Runs in its own process (see tests/test_hardening.py) so that a crash or a hang is seen as one.
-Prints one JSON line: {"cases": N, "by_kind": {...}, "failures": [...]}.
+Runs in its own process (see tests/test_hardening.py) so that a crash or a hang is seen as one;
+a case that takes more than CASE_LIMIT seconds in Python code is interrupted and is a failure.
+The time budget is shared equally by the files. Prints one JSON line:
+{"cases": N, "by_kind": {...}, "cpu_seconds": S, "failures": [...]}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -26,6 +29,15 @@ from pathlib import Path
 from llmtool.errors import LlmToolError
 
 HEAD = 64 * 1024
+CASE_LIMIT = 10.0  # seconds; a reader stuck in a loop on a damaged file fails its case
+
+
+class Stuck(Exception):
+    pass
+
+
+def _stuck(signum: int, frame: object) -> None:
+    raise Stuck(f"no answer after {CASE_LIMIT} s")
 
 
 def kind_of(path: Path) -> str:
@@ -113,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.seconds / len(args.files)
     by_kind: dict[str, int] = {}
     failures: list[dict] = []
+    signal.signal(signal.SIGALRM, _stuck)
+    cpu = time.process_time()
     with tempfile.TemporaryDirectory(prefix="llmtool-fuzz-") as tmp:
         for src in args.files:
             kind = kind_of(src)
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             end = time.monotonic() + budget
             while time.monotonic() < end:
                 what, undo = mutate(rng, original, work, regions)
+                signal.setitimer(signal.ITIMER_REAL, CASE_LIMIT)
                 try:
                     read_like_the_tools(work, kind)
                 except LlmToolError:
@@ -138,11 +153,18 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     )
                 finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
                     undo()
                 by_kind[kind] = by_kind.get(kind, 0) + 1
             if work.read_bytes() != original:
                 raise SystemExit("fuzz bug: the working copy was not restored")
-    print(json.dumps({"cases": sum(by_kind.values()), "by_kind": by_kind, "failures": failures}))
+    report = {
+        "cases": sum(by_kind.values()),
+        "by_kind": by_kind,
+        "cpu_seconds": round(time.process_time() - cpu, 2),
+        "failures": failures,
+    }
+    print(json.dumps(report))
     return 1 if failures else 0
 
 

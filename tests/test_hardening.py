@@ -755,6 +755,8 @@ def test_fuzz_readers(converted, tiny_model, tmp_path):
     report = json.loads(p.stdout.decode().strip().splitlines()[-1])
     assert report["failures"] == [], report["failures"][:5]
     assert set(report["by_kind"]) == {"container", "graph", "task", "litertlm"}
-    # ~1500 cases at load 9 on 2 cores in 50 s; the floor only guards against a broken loop
-    assert report["cases"] >= 100 and min(report["by_kind"].values()) >= 5, report
+    # 3 s per file: ~1000 cases of each kind on a quiet machine, 200-400 at load 8-9 on 2 cores
+    # (docs/BENCHMARKS.md); floors with room for a machine twice as busy. The object-API
+    # reader this replaced managed ~40 graphs in 3 s even on a quiet machine.
+    assert report["cases"] >= 800 and min(report["by_kind"].values()) >= 120, report
     assert digests(*files) == before  # the fuzzer damaged copies only

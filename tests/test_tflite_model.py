@@ -608,3 +608,200 @@ def test_fully_connected_blockwise_int4(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="scales must be float16"):
         tensors[3] = Tensor("w.scales", (16, 2), "float16", tensors[3].buffer)
         writer.to_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# The reader reads what the schema's generated object API reads, lazily, and refuses damage
+
+
+def _reference(content: bytes) -> dict:
+    """Everything the schema's generated object API (eager, slow) reads from a model, in the
+    reader's terms: the reference the direct flatbuffer reader must agree with."""
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAs(content, 0))
+    text = lambda s: s.decode() if isinstance(s, bytes) else (s or "")  # noqa: E731
+    ints = lambda v: [] if v is None else [int(i) for i in v]  # noqa: E731
+
+    def where(b) -> tuple[int, int]:
+        if b.offset > 1:
+            return int(b.offset), int(b.size)
+        data = b"" if b.data is None else bytes(np.asarray(b.data, np.uint8))
+        return -1, len(data)  # inline: only its size is compared
+
+    def quant(q):
+        if q is None:
+            return None
+        if q.detailsType == schema.QuantizationDetails.BlockwiseQuantization and q.details:
+            return ("blockwise", int(q.details.scales), int(q.details.blockSize))
+        if q.scale is None or not len(q.scale):
+            return None
+        zp = ints(q.zeroPoint) or [0] * len(q.scale)
+        return ([float(s) for s in q.scale], zp, int(q.quantizedDimension))
+
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes or []]
+    subgraphs = []
+    for sg in m.subgraphs or []:
+        tensors = [
+            (text(t.name), tuple(ints(t.shape)), int(t.type), int(t.buffer), quant(t.quantization),
+             None if t.shapeSignature is None else tuple(ints(t.shapeSignature)),
+             bool(t.isVariable))
+            for t in sg.tensors or []
+        ]  # fmt: skip
+        ops = []
+        for o in sg.operators or []:
+            opts = o.builtinOptions if o.builtinOptions is not None else o.builtinOptions2
+            opts_ = {} if opts is None else vars(opts)
+            custom = o.customOptions
+            custom = None if custom is None else bytes(np.asarray(custom, np.uint8))
+            ops.append((codes[o.opcodeIndex], ints(o.inputs), ints(o.outputs), len(opts_), custom))
+        subgraphs.append((text(sg.name), tensors, ints(sg.inputs), ints(sg.outputs), ops))
+    signatures = [
+        (text(s.signatureKey), int(s.subgraphIndex),
+         {text(t.name): int(t.tensorIndex) for t in s.inputs or []},
+         {text(t.name): int(t.tensorIndex) for t in s.outputs or []})
+        for s in m.signatureDefs or []
+    ]  # fmt: skip
+    metadata = {text(e.name): int(e.buffer) for e in m.metadata or []}
+    buffers = [where(b) for b in m.buffers or []]
+    return {"subgraphs": subgraphs, "signatures": signatures, "metadata": metadata,
+            "buffers": buffers, "description": text(m.description)}  # fmt: skip
+
+
+def _read_view(model) -> dict:
+    from llmtool.formats.tflite_model import _BUILTIN_CODES, _TYPE_CODES
+
+    def quant(q):
+        if q is None:
+            return None
+        if q.block_size:
+            return ("blockwise", q.scales, q.block_size)
+        return (q.scale.tolist(), q.zero_point.tolist(), q.axis)
+
+    subgraphs = []
+    for sg in model.subgraphs:
+        tensors = [
+            (t.name, tuple(t.shape), _TYPE_CODES[t.dtype], t.buffer, quant(t.quantization),
+             t.shape_signature, t.is_variable)
+            for t in sg.tensors
+        ]  # fmt: skip
+        ops = [
+            (_BUILTIN_CODES[o.op], o.inputs, o.outputs, len(o.options), o.custom_options)
+            for o in sg.operators
+        ]
+        subgraphs.append((sg.name, tensors, sg.inputs, sg.outputs, ops))
+    signatures = [(s.key, s.subgraph_index, s.inputs, s.outputs) for s in model.signatures]
+    buffers = [(b.offset if b.external else -1, b.size) for b in model.buffers]
+    return {"subgraphs": subgraphs, "signatures": signatures, "metadata": model.metadata_index,
+            "buffers": buffers, "description": model.description}  # fmt: skip
+
+
+def _ops_writer() -> ModelWriter:
+    writer = ModelWriter()
+    t = [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32", shape_signature=(-1,))]
+    ops = [
+        Operator("GELU", [0], [1], {"approximate": True}),
+        Operator("FULLY_CONNECTED", [0, 0, -1], [1], {"fusedActivationFunction": "relu"}, 2),
+        Operator("CUSTOM", [0], [1], custom_code="MyOp", custom_options=b"\x01\x02"),
+        Operator("STABLEHLO_COMPOSITE", [0], [1], {"name": "odml.rms_norm", "version": 1}),
+    ]
+    writer.add_subgraph(Subgraph("g", t, [0], [1], ops))
+    writer.add_signature(Signature("run", 0, {"a": 0}, {"b": 1}))
+    return writer
+
+
+def test_reader_agrees_with_the_schema_object_api(converted, tmp_path: Path) -> None:
+    from llmtool.pipelines.export import ExportOptions, export_graph
+    from llmtool.pipelines.resolve import default_model_path
+
+    graph = tmp_path / "g.tflite"
+    export_graph(converted("LLAMA", "int4"), graph, ExportOptions(max_seq_len=32, prefill_len=8))
+    files = {
+        "sample": _sample_writer().to_bytes(alignment=64),
+        "ops": _ops_writer().to_bytes(alignment=64),
+        "litert-torch graph": (
+            Path(__file__).parent / "data/litert_torch_tiny_llama.tflite"
+        ).read_bytes(),
+        "default model": default_model_path().read_bytes(),
+        "exported int4 graph": graph.read_bytes(),  # blockwise scales, per-channel int8
+    }
+    for name, content in files.items():
+        model = read_model_bytes(content)
+        assert _read_view(model) == _reference(content), name
+    ops = read_model_bytes(files["ops"]).subgraphs[0].operators
+    assert ops[0].options == {"approximate": True}
+    assert ops[1].options["fused_activation_function"] == schema.ActivationFunctionType.RELU
+
+
+def test_reader_unpacks_only_what_is_used(converted, tmp_path: Path) -> None:
+    from llmtool.pipelines.inspect import describe
+
+    model = read_model(converted("GEMMA_2B", "int8"))
+    tensors = model.subgraphs[0].tensors
+    assert len(tensors) > 10 and all(t is None for t in tensors._items)  # nothing unpacked yet
+    assert tensors[-1] is tensors[len(tensors) - 1] is tensors[-1]  # once, then kept
+    assert sum(t is not None for t in tensors._items) == 1
+    assert tensors[:2] == list(tensors)[:2] and tensors == list(tensors)
+    with pytest.raises(IndexError):
+        tensors[len(tensors)]
+    assert describe(converted("GEMMA_2B", "int8"))["parameters"] > 0
+
+
+def _damaged(edit) -> bytes:
+    """A small valid model (two tensors, one operator, one signature) with `edit` applied to
+    its object-API form, packed again."""
+    import flatbuffers
+
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAs(_ops_writer().to_bytes(64), 0))
+    edit(m, m.subgraphs[0])
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _quantize_first(scale, zero_point, axis=0, blockwise=None):
+    def edit(m, sg):
+        q = schema.QuantizationParametersT()
+        if blockwise is not None:
+            q.detailsType = schema.QuantizationDetails.BlockwiseQuantization
+            q.details = schema.BlockwiseQuantizationT()
+            q.details.scales, q.details.blockSize = blockwise
+        else:
+            q.scale, q.zeroPoint = np.array(scale, np.float32), np.array(zero_point, np.int64)
+            q.quantizedDimension = axis
+        sg.tensors[0].quantization = q
+
+    return edit
+
+
+def _set(path: str, value):
+    def edit(m, sg):
+        target, attr = path.rsplit(".", 1)
+        obj = {"model": m, "sg": sg, "tensor": sg.tensors[1], "op": sg.operators[0],
+               "sig": m.signatureDefs[0] if m.signatureDefs else None}[target]  # fmt: skip
+        setattr(obj, attr, value)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message, at_open",
+    [
+        (_set("tensor.buffer", 9), "tensor 'b' names buffer 9", True),
+        (_set("op.opcodeIndex", 7), "names a missing operator code", True),
+        (_set("op.inputs", np.array([0, 5], np.int32)), "an operator of 'g' names a missing", True),
+        (_set("op.outputs", np.array([-2], np.int32)), "names a missing tensor", True),
+        (_set("sg.outputs", np.array([2], np.int32)), "subgraph 'g' names a missing tensor", True),
+        (_set("sig.subgraphIndex", 1), "signature 'run' names a missing subgraph", True),
+        (_quantize_first([0.1, 0.2], [0, 0, 0]), "2 scales, 3 zero points", False),
+        (_quantize_first([0.1, 0.2, 0.3], [0, 0, 0]), "3 scales, 3 zero points along", False),
+        (_quantize_first([0.1, 0.2], [0, 0], axis=3), "along axis 3", False),
+        (_quantize_first(None, None, blockwise=(9, 32)), "blockwise scales 9", False),
+        (_quantize_first(None, None, blockwise=(1, 0)), "block 0", False),
+    ],
+)
+def test_damaged_tables_are_refused(edit, message: str, at_open: bool) -> None:
+    content = _damaged(edit)
+    with pytest.raises(LlmToolError, match=message) as err:
+        model = read_model_bytes(content)
+        assert not at_open  # checked when opened, or when the tensor is used
+        model.subgraphs[0].tensors[0]
+    assert "<bytes>" in str(err.value) and "\n" not in str(err.value)

@@ -949,9 +949,9 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
         version = model.scalar(4, _U32)
         if version != SCHEMA_VERSION:
             raise LlmToolError(f"unsupported TFLite schema version {version} (expected 3)", what)
-        buffers = [_buffer_info(_Table(buf, at)) for at in model.tables(12)]
+        buffers = _buffer_infos(_Columns(buf), model)
         for i, b in enumerate(buffers):
-            if b.offset + b.size > len(buf):
+            if b.offset < 0 or b.size < 0 or b.offset + b.size > len(buf):
                 raise LlmToolError(
                     f"buffer {i} ({b.size} bytes at {b.offset}) lies beyond the end of the "
                     f"file ({len(buf)} bytes): truncated?",
@@ -989,12 +989,29 @@ def _parse(data: np.ndarray, path: Path | None) -> ModelFile:
     )
 
 
-def _buffer_info(b: _Table) -> BufferInfo:
-    offset, size = b.scalar(6, _U64), b.scalar(8, _U64)
-    if offset > 1:
-        return BufferInfo(offset, size, True)
-    inline = b.vector(4, 1)
-    return BufferInfo(inline[0], inline[1], False) if inline else BufferInfo(0, 0, False)
+def _buffer_infos(columns: _Columns, model: _Table) -> list[BufferInfo]:
+    """Every buffer's place: external (`offset` > 1, `size`) or the inline `data` vector."""
+    tables = columns.tables(model.vector(12, 4))
+    offsets = columns.scalars(tables, 6, "<u8")  # above 2**63: negative, refused by the caller
+    sizes = columns.scalars(tables, 8, "<u8")
+    data = columns.fields(tables, 4)
+    inline = (offsets <= 1) & (data > 0)
+    starts = np.zeros(tables.size, np.int64)
+    starts[inline] = data[inline] + columns.read(data[inline], "<u4")
+    lengths = np.zeros(tables.size, np.int64)
+    lengths[inline] = columns.read(starts[inline], "<u4")
+    infos = []
+    for offset, size, has_data, start, length in zip(
+        offsets.tolist(), sizes.tolist(), inline.tolist(), starts.tolist(), lengths.tolist(),
+        strict=True,
+    ):  # fmt: skip
+        if offset > 1:
+            infos.append(BufferInfo(offset, size, True))
+        else:
+            infos.append(
+                BufferInfo(start + 4, length, False) if has_data else BufferInfo(0, 0, False)
+            )
+    return infos
 
 
 class _Columns:
@@ -1003,11 +1020,17 @@ class _Columns:
 
     def __init__(self, buf: memoryview):
         self.bytes = np.frombuffer(buf, dtype=np.uint8)
+        self._views: dict[str, np.ndarray] = {}  # the whole file as one dtype, for aligned reads
 
     def read(self, at: np.ndarray, dtype: str) -> np.ndarray:
         size = np.dtype(dtype).itemsize
         if at.size and (at.min() < 0 or at.max() + size > self.bytes.size):
             raise ValueError("a table field lies outside the file")
+        if not (at & (size - 1)).any():  # flatbuffers align scalars to their size
+            view = self._views.get(dtype)
+            if view is None:
+                view = self._views[dtype] = self.bytes[: self.bytes.size // size * size].view(dtype)
+            return view[at // size]
         return self.bytes[at[:, None] + np.arange(size)].view(dtype).reshape(-1)
 
     def tables(self, vector: tuple[int, int] | None) -> np.ndarray:
