@@ -13,10 +13,8 @@ Conventions every verb follows (add new verbs the same way):
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -967,23 +965,11 @@ def cache_clear(json_out: JsonOpt = False) -> None:
     out.print(f"removed {count} entries ({human_bytes(freed)})", highlight=False)
 
 
-def _quiet_native_exit() -> None:
-    """LiteRT destroys a process-wide environment in a C++ static destructor after Python has
-    finished, logging INFO lines on the way: point fd 2 at /dev/null once everything
-    Python-side has been said (atexit runs after an uncaught exception's traceback)."""
-    sys.stderr.flush()
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-    except OSError:
-        pass
-
-
 def main() -> None:
     from llmtool.files import exit_on_sigterm
+    from llmtool.pipelines.quiet import quiet_native_exit_at_exit
 
-    atexit.register(_quiet_native_exit)
+    quiet_native_exit_at_exit()
     exit_on_sigterm()
     app()
 

@@ -24,9 +24,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from trailing pytest's summary line. Remove this run's cache folder."""
     import atexit
 
-    from llmtool.cli import _quiet_native_exit
+    from llmtool.pipelines.quiet import quiet_native_exit
 
-    atexit.register(_quiet_native_exit)
+    atexit.register(quiet_native_exit)
     if _OWN_CACHE is not None:
         atexit.register(shutil.rmtree, _OWN_CACHE, True)
 

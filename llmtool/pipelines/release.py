@@ -43,6 +43,7 @@ from llmtool._version import __version__
 from llmtool.config import ConversionConfig, ReleaseConfig, check_types
 from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output, write_bytes
+from llmtool.pipelines.quiet import quiet_native_exit_at_exit
 
 Progress = Callable[[int, int, str], None]
 
@@ -546,22 +547,6 @@ class _ItemBuild:
         _write_json(self.state_file, self.state)
 
 
-def _worker_init() -> None:
-    """LiteRT logs INFO lines from C++ static destructors when a worker exits: silence its
-    stderr once Python is done (an error reaches the parent as the item's failure)."""
-    import atexit
-
-    def quiet() -> None:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        except OSError:
-            pass
-
-    atexit.register(quiet)
-
-
 def build_item(plan: ReleasePlan, item_id: str, force: bool = False) -> ItemResult:
     """Build one item in this process (also the entry point of `--jobs` worker processes)."""
     item = next(i for i in plan.items if i.id == item_id)
@@ -617,7 +602,7 @@ def release(
             max_workers=min(jobs, total),
             mp_context=context,
             max_tasks_per_child=1,
-            initializer=_worker_init,
+            initializer=quiet_native_exit_at_exit,
         ) as pool:
             futures = {pool.submit(build_item, plan, i.id, force): i for i in items}
             for done, future in enumerate(as_completed(futures), 1):
