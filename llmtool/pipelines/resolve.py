@@ -38,6 +38,11 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model
 # 1B Llama), but only the positions a conversation reaches become resident.
 DEFAULT_MAX_SEQ_LEN = 8192
 
+# Part of the graph cache key: bump it when the exporter writes different graphs for the same
+# container (2: decode attention with the caches as the left matmul operand), so a cached graph
+# from an older exporter is exported again instead of being served.
+GRAPH_REVISION = 2
+
 
 def cache_root() -> Path:
     return cache.cache_root()
@@ -117,7 +122,7 @@ def resolve_graph(
     if not spec_json:
         raise LlmToolError("not a converted model (no llmtool.model_spec)", path)
     seq_len = graph_seq_len(ModelSpec.from_json(spec_json, path), max_tokens)
-    key = f"{remembered_digest(path)}|{seq_len}|{__version__}"
+    key = f"{remembered_digest(path)}|{seq_len}|{__version__}|graph {GRAPH_REVISION}"
     lora = {"lora_rank": lora_rank, "lora_targets": tuple(lora_targets)} if lora_rank else {}
     if lora:
         key += f"|lora {lora_rank} {','.join(lora_targets)}"
