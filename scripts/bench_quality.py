@@ -106,11 +106,14 @@ def write_base(path: Path, n_ctx: int, vocab: int, tokens: np.ndarray, rows: lis
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Path]:
-    """Each variant's graph (quantized containers exported; static modes write graphs)."""
+    """Each variant's graph (quantized containers exported; static modes write graphs), and
+    its size: the container's, or the graph's for the static modes."""
     files: dict[str, Path] = {}
     for name, options in VARIANTS.items():
         if args.skip_static and options is not None and options.mode in ("full-int8", "int16x8"):
             continue
+        if args.only and name not in args.only and options is not None:
+            continue  # float32 (the reference's graph) always
         slug = _slug(name)
         graph = args.work / f"{slug}.tflite"
         if options is not None and options.mode in ("full-int8", "int16x8"):
@@ -197,12 +200,15 @@ def llama_kl(tools: dict[str, Path], gguf: Path, base: Path, args: argparse.Name
     ]  # fmt: skip
     env = dict(os.environ, OMP_WAIT_POLICY="passive")
     env["LD_LIBRARY_PATH"] = str(exe.parent)
+    log_file = args.work / f"{gguf.stem}.perplexity.log"
     for _ in range(3):  # its asynchronous log sometimes loses the summary at exit: run again
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-        text = r.stdout + r.stderr
+        # into a file: through a pipe the summary was lost on every try
+        with open(log_file, "w") as out:
+            r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=3600)
+        text = log_file.read_text(errors="replace")
         if r.returncode:
             raise RuntimeError(f"llama-perplexity failed on {gguf}:\n{text[-2000:]}")
-        if "Maximum KLD" in text:
+        if "Maximum KLD" in text and "Mean PPL(Q)" in text:
             break
 
     def grab(label: str) -> float:
@@ -237,7 +243,12 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="--speed without the quality part (files prepared by an earlier run)")
     ap.add_argument("--skip-static", action="store_true", help="no full-int8 / int16x8")
+    ap.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",")], default=None,
+                    help=f"comma-separated variants (of: {', '.join(VARIANTS)}); llama.cpp's "
+                    "rows are kept (--llama-cpp)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--llama-omp-passive", action="store_true",
                     help="llama-bench with OMP_WAIT_POLICY=passive (bench_decode.llama_env)")
@@ -245,6 +256,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--max-seq-len", type=int, default=256)
     args = ap.parse_args()
+    args.speed = args.speed or args.speed_only
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0]
@@ -266,15 +278,19 @@ def main() -> None:
               for i in range(n_chunk)]  # fmt: skip
     files = prepare(args)
 
-    log("reference log-probabilities")
-    ref_logits = chunk_logprobs(args.reference, chunks, first, args.threads)
-    ref_rows = [[encode_row(r) for r in lg] for lg in ref_logits]
-    base = args.work / "reference.logits"
-    write_base(base, args.ctx, vocab, stream, ref_rows)
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {n: {"bytes": p.stat().st_size} for n, p in files.items()}
+    if not args.speed_only:
+        log("reference log-probabilities")
+        ref_logits = chunk_logprobs(args.work / "float32.tflite", chunks, first, args.threads)
+        ref_rows = [[encode_row(r) for r in lg] for lg in ref_logits]
+        base = args.work / "reference.logits"
+        write_base(base, args.ctx, vocab, stream, ref_rows)
     for name, path in files.items():
+        if args.speed_only:
+            continue
         log(f"score {name}")
-        rows[name] = score(ref_rows, chunk_logprobs(path, chunks, first, args.threads), chunks,
+        graph = args.work / f"{_slug(name)}.tflite"  # the exported graph: no second export
+        rows[name] = score(ref_rows, chunk_logprobs(graph, chunks, first, args.threads), chunks,
                            first, vocab)  # fmt: skip
         rows[name]["bytes"] = path.stat().st_size
     ggufs: dict[str, Path] = {}
@@ -282,12 +298,13 @@ def main() -> None:
         tools = bench_decode.find_llama_cpp(args.llama_cpp)
         ggufs = prepare_gguf(args, tools)
         for t, path in ggufs.items():
-            log(f"llama-perplexity --kl-divergence {t}")
-            try:
-                kl = llama_kl(tools, path, base, args)
-            except RuntimeError as exc:  # e.g. too few chunks for its statistics
-                log(f"no llama.cpp KL for {t}: {str(exc)[:200]}")
-                kl = {}
+            kl = {}
+            if not args.speed_only:
+                log(f"llama-perplexity --kl-divergence {t}")
+                try:
+                    kl = llama_kl(tools, path, base, args)
+                except RuntimeError as exc:  # e.g. too few chunks for its statistics
+                    log(f"no llama.cpp KL for {t}: {str(exc)[:200]}")
             rows[f"llama.cpp {t}"] = {**kl, "bytes": path.stat().st_size}
     if args.speed:
         graphs = {n: args.work / f"{_slug(n)}.tflite" for n in files}
