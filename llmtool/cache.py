@@ -4,7 +4,9 @@ Location: `$LLMTOOL_CACHE_DIR` (default ~/.cache/llmtool). Size: bounded by
 `$LLMTOOL_CACHE_MAX_BYTES` (default 8 GiB; suffixes K, M, G, T; 0 disables caching of new
 graphs beyond the one in use). When a new graph is added, the least recently used entries are
 removed until the total fits; an entry is a cached graph together with its XNNPACK files, or an
-XNNPACK file of a graph outside the cache. Using an entry marks it recently used (its mtime).
+XNNPACK file of a graph outside the cache. Using a graph marks it recently used: the mtime of an
+empty note under `used/`, never the graph's own times, which key its XNNPACK file (touching the
+graph would make every run repack its weights).
 Removing a file another process has mapped is safe on POSIX: the mapping stays valid.
 
 `llmtool cache list` and `llmtool cache clear` show and empty it.
@@ -36,6 +38,11 @@ def graphs_dir() -> Path:
 
 def xnnpack_dir() -> Path:
     return cache_root() / "xnnpack"
+
+
+def used_note(graph: Path) -> Path:
+    """The empty file whose mtime says when a cached graph was last used."""
+    return cache_root() / "used" / graph.name
 
 
 def max_bytes() -> int:
@@ -101,7 +108,7 @@ def entries() -> list[Entry]:
     for g in _files(graphs_dir()):
         if g.name.startswith("."):  # a temporary file of a write in progress
             continue
-        e = Entry(g.name, "graph", [g])
+        e = Entry(g.name, "graph", [g, used_note(g)])
         by_tag[graph_path_key(g)] = e
         out.append(e)
     for x in _files(xnnpack_dir()):
@@ -116,10 +123,12 @@ def entries() -> list[Entry]:
     return sorted(out, key=lambda e: (e.last_used, e.name))
 
 
-def touch(path: Path) -> None:
-    """Mark a cached file as just used."""
+def touch(graph: Path) -> None:
+    """Mark a cached graph as just used (its note; the graph itself is left alone)."""
+    note = used_note(graph)
     with contextlib.suppress(OSError):
-        os.utime(path)
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.touch()
 
 
 def use(path: Path) -> None:
@@ -161,9 +170,10 @@ def clear() -> tuple[int, int]:
     for e in entries():
         freed += remove(e)
         count += 1
-    for note in _files(cache_root() / "digests"):  # remembered content hashes (tiny)
-        with contextlib.suppress(OSError):
-            note.unlink()
+    for folder in ("digests", "used"):  # remembered content hashes, orphaned notes (tiny)
+        for note in _files(cache_root() / folder):
+            with contextlib.suppress(OSError):
+                note.unlink()
     return count, freed
 
 

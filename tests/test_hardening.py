@@ -760,3 +760,19 @@ def test_fuzz_readers(converted, tiny_model, tmp_path):
     # reader this replaced managed ~40 graphs in 3 s even on a quiet machine.
     assert report["cases"] >= 800 and min(report["by_kind"].values()) >= 120, report
     assert digests(*files) == before  # the fuzzer damaged copies only
+
+
+def test_cache_use_keeps_the_xnnpack_key(tmp_path, monkeypatch):
+    """Marking a graph used must not change what keys its packed weights (its stat), or every
+    warm run would pack them again."""
+    from llmtool import cache
+    from llmtool.runtime.compiled_engine import weight_cache_file
+
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path))
+    graph = _fake_entry(tmp_path / "graphs", "g-1.tflite", 100, age=300)
+    other = _fake_entry(tmp_path / "graphs", "g-2.tflite", 100, age=200)
+    before = weight_cache_file(graph, tmp_path / "xnnpack")
+    cache.use(graph)
+    assert weight_cache_file(graph, tmp_path / "xnnpack") == before
+    assert [e.name for e in cache.entries()] == ["g-2.tflite", "g-1.tflite"]  # used last
+    assert other.exists()
