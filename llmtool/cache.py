@@ -170,7 +170,8 @@ def clear() -> tuple[int, int]:
     for e in entries():
         freed += remove(e)
         count += 1
-    for folder in ("digests", "used"):  # remembered content hashes, orphaned notes (tiny)
+    # Small notes: content hashes, uses of removed graphs, SentencePiece models' special pieces.
+    for folder in ("digests", "used", "tokenizers"):
         for note in _files(cache_root() / folder):
             with contextlib.suppress(OSError):
                 note.unlink()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,64 @@ def _usage_name(self: Any) -> str:
 typer.core.TyperOption.display_type_rich = _plain_type_label  # type: ignore[method-assign]
 typer.core.TyperArgument.display_type_rich = _plain_type_label  # type: ignore[method-assign]
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+
+
+# Typer 0.2x coerces every option through a pydantic TypeAdapter: importing pydantic and
+# building the adapters costs ~0.1 s of a `run` that is otherwise ready in a few tenths. Plain
+# values of the types our options use (text, whole numbers, decimals, paths without checks) are
+# converted here exactly as Typer would; anything else (lists, "3.0" for an integer, a bad
+# number, file options) goes through Typer's own coercion, so results and errors are unchanged.
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+_NOT_PLAIN = object()
+
+
+def _plain_value(param: Any, value: Any, ctx: Any) -> Any:
+    """`value` converted for `param` as Typer would, or _NOT_PLAIN when Typer must do it."""
+    info, annotation = param.type_descriptor.parameter_info, param.type_descriptor.annotation
+    if param.multiple or param.nargs != 1 or info.parser is not None:
+        return _NOT_PLAIN
+    if value is None:
+        return None
+    if info.min is not None or info.max is not None:
+        return _NOT_PLAIN
+    if annotation in (str, int, float) and type(value) is annotation:  # e.g. a default
+        return value
+    if annotation is Path and isinstance(value, (str, Path)) and info.path_type is None:
+        from typer._param_types import coerce_cli_path  # Typer's checks (exists=...) included
+
+        return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
+    if isinstance(value, str):
+        if annotation is int and _INTEGER.fullmatch(value):
+            return int(value)
+        if annotation is float and _DECIMAL.fullmatch(value):
+            return float(value)
+    return _NOT_PLAIN
+
+
+class _PlainCoercion:
+    """A parameter's coercion: plain values here, the rest by Typer (built on first need)."""
+
+    def __init__(self) -> None:
+        self.typer: Any = None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        plain = _plain_value(param, value, ctx)
+        if plain is not _NOT_PLAIN:
+            return plain
+        if self.typer is None:
+            self.typer = typer._coercion.build_runtime_param(param.type_descriptor)
+        return self.typer.coerce(value, param=param, ctx=ctx)
+
+
+def _runtime_param(self: Any) -> Any:
+    if self._runtime_param is None:
+        self._runtime_param = _PlainCoercion()
+    return self._runtime_param
+
+
+if hasattr(typer.core, "_TyperParameter") and hasattr(typer, "_coercion"):  # Typer >= 0.2x
+    typer.core._TyperParameter.get_runtime_param = _runtime_param  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:

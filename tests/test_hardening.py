@@ -776,3 +776,30 @@ def test_cache_use_keeps_the_xnnpack_key(tmp_path, monkeypatch):
     assert weight_cache_file(graph, tmp_path / "xnnpack") == before
     assert [e.name for e in cache.entries()] == ["g-2.tflite", "g-1.tflite"]  # used last
     assert other.exists()
+
+
+def test_cli_plain_coercion_agrees_with_typer(tmp_path):
+    """cli.py converts plain option values without pydantic: same values, and whatever it
+    does not take (errors included) is left to Typer."""
+    import typer._coercion
+    import typer.main
+
+    from llmtool import cli
+
+    command = typer.main.get_command(cli.app)
+    params = [p for sub in command.commands.values() for p in getattr(sub, "params", [])]
+    kinds = {p.type_descriptor.annotation: p for p in params if p.nargs == 1 and not p.multiple}
+    assert {str, int, float, Path} <= set(kinds)
+    values = ["3", " -7 ", "+2", "3.0", "3.5", "1e-3", ".5", "1_000", "0x10", "inf", "", "abc",
+              str(tmp_path), 5, 0.25, None, Path("x")]  # fmt: skip
+    taken = 0
+    for annotation, param in kinds.items():
+        full = typer._coercion.build_runtime_param(param.type_descriptor)
+        for value in values:
+            plain = cli._plain_value(param, value, None)
+            if plain is cli._NOT_PLAIN:
+                continue
+            taken += 1
+            expected = full.coerce(value, param=param, ctx=None)
+            assert plain == expected and type(plain) is type(expected), (annotation, value)
+    assert taken >= 20

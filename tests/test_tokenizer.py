@@ -400,3 +400,33 @@ def test_decode_ignores_ids_outside_the_vocabulary(kind: str, folders: dict[str,
     decoder = tok.stream_decoder()
     pieces = [decoder.push(i) for i in (ids[0], tok.vocab_size, *ids[1:])]
     assert "".join(pieces) + decoder.flush() == "ab"
+
+
+def test_special_pieces_are_remembered(folders: dict[str, Path], tmp_path: Path, monkeypatch):
+    """A SentencePiece model's control and user-defined pieces are found by parsing its proto
+    once; later loads of the same model use the note (a damaged note is ignored)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from llmtool import tokenizer as tk
+
+    monkeypatch.setenv("LLMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    files = read_tokenizer_files(folders["spm"])
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(files["tokenizer.model"])
+    piece = proto.pieces.add()
+    piece.piece, piece.type = "<turn>", model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    files["tokenizer.model"] = proto.SerializeToString()
+    parsed: list[bytes] = []
+    real = tk._special_pieces
+    monkeypatch.setattr(tk, "_special_pieces", lambda data: parsed.append(data) or real(data))
+    text = "a<turn>b <mask> c"
+    first = Tokenizer.from_files(files)
+    second = Tokenizer.from_files(files)
+    assert len(parsed) == 1  # the second load read the note
+    turn, mask = first.token_to_id("<turn>"), first.token_to_id("<mask>")
+    ids = first.encode(text, add_bos=False)
+    assert turn in ids and mask in ids and second.encode(text, add_bos=False) == ids
+    assert second.decode(ids) == first.decode(ids) == "a<turn>b  c"  # control dropped
+    tk._special_pieces_note(files["tokenizer.model"]).write_text('{"special": [[99999, "X"]]}')
+    third = Tokenizer.from_files(files)
+    assert len(parsed) == 2 and third.encode(text, add_bos=False) == ids

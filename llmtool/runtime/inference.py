@@ -28,7 +28,7 @@ from llmtool.chat_template import chat_messages
 from llmtool.errors import LlmToolError
 from llmtool.formats import metadata as keys
 from llmtool.formats.lora_file import LoraFile
-from llmtool.formats.tflite_model import read_model
+from llmtool.formats.tflite_model import read_metadata
 from llmtool.runtime.engine import Engine, EngineBase
 from llmtool.runtime.sampler import Sampler, validate_sampling
 from llmtool.tokenizer import Tokenizer
@@ -240,9 +240,9 @@ class InferenceSession:
         self._workers: set[threading.Thread] = set()
         self._closed = False
         self.lora_path: Path | None = None  # the adapter in use (None: the base model)
-        with read_model(graph_path) as model:
-            identity = model.metadata.get(keys.BASE_IDENTITY)
-            spec = model.metadata.get(keys.MODEL_SPEC)
+        metadata, _ = read_metadata(graph_path)  # not read_model: no subgraph parse on a run
+        identity = metadata.get(keys.BASE_IDENTITY)
+        spec = metadata.get(keys.MODEL_SPEC)
         self.base_identity = identity.decode() if identity else None
         self.model_type = json.loads(spec).get("model_type") if spec else None
 
