@@ -39,7 +39,10 @@ def first_byte(src: Path, model: Path, cache: Path, args: argparse.Namespace) ->
            args.prompt, "--max-tokens", str(args.max_tokens), "--top-k", "1",
            "--num-threads", str(args.threads)]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    # cwd: not a source tree (`python -m` puts the working directory first on sys.path)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cache.parent
+    )
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     ttfb = time.perf_counter() - start
@@ -77,7 +80,7 @@ print(json.dumps([(n, b[0] - a[0], b[1] - a[1]) for n, a, b in zip(names, t, t[1
     rows: list[list[tuple[str, float, float]]] = []
     for _ in range(args.repeat):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+                             text=True, check=True, cwd=args.cache).stdout  # fmt: skip
         rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"{'step':32s} {'wall s':>8s} {'CPU s':>8s}   (median of {args.repeat}, {src})")
     for i, (name, _, _) in enumerate(rows[0]):
