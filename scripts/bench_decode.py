@@ -227,11 +227,28 @@ def worker_main(spec: str) -> None:
 # -- running children ---------------------------------------------------------------------------
 
 
+# A child's ru_maxrss starts at its parent's resident size when it was forked (Linux keeps the
+# high-water mark across exec), and this script's own process can be large (a checkpoint it
+# wrote). So every command runs under a small Python trampoline that reports the peak RSS of
+# the command alone (its own RUSAGE_CHILDREN) as the last line of stderr.
+TRAMPOLINE = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "sys.stderr.write(f'\\n@@MAXRSS@@ {peak}\\n')\n"
+    "sys.exit(code)\n"
+)
+
+
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
-    """stdout, wall seconds and peak RSS (GB) of one child, reaped with wait4."""
+    """stdout, wall seconds and peak RSS (GB) of one child (measured by the trampoline)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-c", TRAMPOLINE, *cmd],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     chunks: dict[str, list[bytes]] = {"out": [], "err": []}
 
@@ -245,15 +262,15 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, f
     ]
     for t in readers:
         t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = proc.wait()
     for t in readers:
         t.join()
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
+    err = b"".join(chunks["err"]).decode(errors="replace")
     if code != 0:
-        err = b"".join(chunks["err"]).decode(errors="replace")[-3000:]
-        raise RuntimeError(f"failed (exit {code}): {' '.join(cmd)}\n{err}")
-    return b"".join(chunks["out"]).decode(errors="replace"), seconds, usage.ru_maxrss / 1024**2
+        raise RuntimeError(f"failed (exit {code}): {' '.join(cmd)}\n{err[-3000:]}")
+    peak_kb = int(err.rsplit("@@MAXRSS@@", 1)[1].split()[0])
+    return b"".join(chunks["out"]).decode(errors="replace"), seconds, peak_kb / 1024**2
 
 
 def run_worker(job: dict, env: dict[str, str] | None = None) -> tuple[dict, float, float]:
