@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,11 +169,25 @@ def work_convert_llama(ckpt: str, out: str, quantization: str) -> dict:
     return convert(config)
 
 
+def work_prepare(container: str, threads: int, max_seq_len: int) -> dict:
+    """What a first `llmtool run` of a container does: export the graph into the cache, pack
+    the XNNPACK weights (in a process of its own, so the sweep's peak RSS is the run's)."""
+    from llmtool.pipelines.resolve import resolve_graph
+    from llmtool.runtime.inference import open_engine
+
+    t0 = time.perf_counter()
+    graph, _ = resolve_graph(container, max_seq_len)
+    export_s = time.perf_counter() - t0
+    with open_engine(graph, threads) as warm:
+        warm.prefill(_prompt(8, warm.vocab_size))
+    return {"export_s": export_s, "pack_s": time.perf_counter() - t0 - export_s}
+
+
 def work_sweep(
     container: str, threads: int, positions: list[int], decode_tokens: int, max_seq_len: int
 ) -> dict:
-    """What `llmtool run` does with a container (resolve: export once, then load the cached
-    graph), then per position P: prefill P tokens from an empty cache, decode N tokens."""
+    """A warm `llmtool run` of a container (resolve finds the cached graph), then per position
+    P: prefill P tokens from an empty cache, decode N tokens."""
     import numpy as np
 
     from llmtool.pipelines.resolve import resolve_graph
@@ -180,13 +195,10 @@ def work_sweep(
 
     t0 = time.perf_counter()
     graph, _ = resolve_graph(container, max_seq_len)
-    export_s = time.perf_counter() - t0
-    with open_engine(graph, threads) as warm:  # packs the XNNPACK weight cache once
-        warm.prefill(_prompt(8, warm.vocab_size))
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     engine = open_engine(graph, threads)
-    load = time.perf_counter() - t0
-    out: dict[str, Any] = {"export_s": export_s, "load_s": load, "graph": str(graph)}
+    load = time.perf_counter() - t1
+    out: dict[str, Any] = {"resolve_s": t1 - t0, "load_s": load, "graph": str(graph)}
     out["graph_bytes"] = Path(graph).stat().st_size
     for P in positions:
         if P + decode_tokens + 1 > engine.max_seq_len:
@@ -211,6 +223,7 @@ WORKERS = {
     "convert": work_convert,
     "convert_llama": work_convert_llama,
     "sweep": work_sweep,
+    "prepare": work_prepare,
     "export": work_export,
     "ours": work_ours,
     "litert_lm": work_litert_lm,
@@ -362,7 +375,11 @@ def find_llama_cpp(root: Path) -> dict[str, Path]:
 
 
 def prepare_llama(
-    args: argparse.Namespace, ckpt: Path, tools: dict[str, Path], name: str = "gemma-shaped"
+    args: argparse.Namespace,
+    ckpt: Path,
+    tools: dict[str, Path],
+    name: str = "gemma-shaped",
+    precisions: tuple[str, ...] = PRECISIONS,
 ) -> dict[str, Path]:
     env = dict(os.environ)
     gguf_py = tools["convert"].parent / "gguf-py"
@@ -386,7 +403,8 @@ def prepare_llama(
             env,
         )
         tmp.rename(f32)
-    for q, gtype in GGUF_TYPES.items():
+    for q in precisions:
+        gtype = GGUF_TYPES[q]
         path = args.work / f"{name}-{gtype.lower()}.gguf"
         if not path.is_file():
             log(f"llama-quantize {gtype}")
@@ -512,8 +530,6 @@ def make_llama_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Pat
     with the Gemma-shaped model's SentencePiece tokenizer."""
     if (folder / "model.safetensors").is_file():
         return folder
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -554,6 +570,16 @@ def sweep_main(args: argparse.Namespace) -> None:
     containers: dict[tuple[str, str], Path] = {}
     ggufs: dict[tuple[str, str], Path] = {}
     ckey = source_key(skip=("runtime/", "cli.py", "pipelines/run.py", "decoder.py"))
+    # `run` caches graphs by container content, not by the code that exported them: the sweep
+    # keeps one graph cache per version of the exporting sources, so a changed exporter is
+    # measured (older caches, and containers of older sources, are removed: gigabytes).
+    gkey = source_key(skip=("runtime/", "cli.py", "__main__.py"))
+    graph_cache = args.work / f"sweep-cache-{gkey}"
+    os.environ["LLMTOOL_CACHE_DIR"] = str(graph_cache)
+    for old in [*args.work.glob("sweep-cache-*"), *args.work.glob("sweep-*.bin")]:
+        if old != graph_cache and ckey not in old.name:
+            log(f"removing {old.name} (older sources)")
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     for shape, ckpt in ckpts.items():
         for q in precisions:
             out = args.work / f"sweep-{shape}-{q}-{ckey}.bin"
@@ -563,8 +589,19 @@ def sweep_main(args: argparse.Namespace) -> None:
                 run_worker({"kind": kind, "ckpt": str(ckpt), "out": str(out), "quantization": q})
             containers[(shape, q)] = out
         if tools:
-            made = prepare_llama(args, ckpt, tools, name=ckpt.name)
+            made = prepare_llama(args, ckpt, tools, ckpt.name, tuple(precisions))
             ggufs.update({(shape, q): made[q] for q in precisions})
+
+    prepared: dict[tuple[str, str], dict] = {}
+    for key, container in containers.items():
+        log(f"llmtool first run (export, weight packing) {' '.join(key)}")
+        prepared[key] = run_worker(
+            {"kind": "prepare", "container": str(container), "threads": args.threads,
+             "max_seq_len": args.context}
+        )[0]  # fmt: skip
+        log(f"  {json.dumps(prepared[key])}")
+    if args.prepare_only:
+        return
 
     jobs: dict[tuple[str, str, str], Any] = {}
     for shape in ckpts:
@@ -600,9 +637,11 @@ def sweep_main(args: argparse.Namespace) -> None:
             k: round(statistics.median(v[0][k] for v in values if k in v[0]), 2) for k in keys
         }
         entry["peak_rss_gb"] = round(max(v[2] for v in values), 3)
-        for extra in ("load_s", "export_s", "graph_bytes", "build"):
+        for extra in ("load_s", "resolve_s", "graph_bytes", "build"):
             if extra in values[0][0]:
                 entry[extra] = values[0][0][extra]
+        if engine == "llmtool":
+            entry.update(prepared[(shape, q)])  # the first run: export_s, pack_s
         results[f"{shape} {q} {engine}"] = entry
     report = {
         "positions": positions,
@@ -672,6 +711,9 @@ def main() -> None:
     ap.add_argument("--precisions", default="int8,int4")
     ap.add_argument("--context", type=int, default=8192, help="max tokens asked of `run`")
     ap.add_argument("--prefill-at", default="2000", help="llama.cpp prompt lengths to time")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="sweep: make every file (checkpoints, containers, GGUFs, graphs, "
+                         "packed weights), measure nothing")
     args = ap.parse_args()  # fmt: skip
     # Exported graphs and XNNPACK weight caches of the benchmark stay in its work folder.
     os.environ.setdefault("LLMTOOL_CACHE_DIR", str(args.work / "cache"))
