@@ -19,15 +19,17 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from llmtool.architectures import ARCHITECTURES
 from llmtool.errors import LlmToolError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
 
 app = typer.Typer(
     name="llmtool",
@@ -190,6 +192,14 @@ class ProgressBar:
 
     def __enter__(self) -> ProgressBar:
         if self.enabled:
+            from rich.progress import (  # not at import: `run` shows no bar
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -210,6 +220,12 @@ class ProgressBar:
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def _table(*columns: str, **options: Any) -> Table:
+    from rich.table import Table  # not at import: `run` prints no table
+
+    return Table(*columns, **options)
 
 
 def print_json(data: Any) -> None:
@@ -465,12 +481,12 @@ def inspect(
         ins = ", ".join(f"{n}{v[0]}" for n, v in list(sig["inputs"].items())[:4])
         out.print(f"  signature {key}: {sig['operators']} ops; inputs {ins}, ...", highlight=False)
     if info.get("entries"):
-        table = Table("entry", "offset", "bytes", box=None, pad_edge=False)
+        table = _table("entry", "offset", "bytes", box=None, pad_edge=False)
         for e in info["entries"]:
             table.add_row(e["name"], str(e["offset"]), str(e["bytes"]))
         out.print(table)
     if info["tensors"]:
-        table = Table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
+        table = _table("name", "shape", "dtype", "bytes", box=None, pad_edge=False)
         for t in info["tensors"]:
             table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], str(t["bytes"]))
         out.print(table)
@@ -944,7 +960,7 @@ def release(
     if json_out:
         print_json(summary)
     else:
-        table = Table(
+        table = _table(
             "item", "steps", "perplexity", "KL vs float", "decode tok/s", "peak MiB", box=None
         )
         manifest = json.loads(Path(summary["manifest"]).read_text())
@@ -1004,7 +1020,7 @@ def cache_list(json_out: JsonOpt = False) -> None:
         f"{human_bytes(info['max_bytes'])}",
         highlight=False,
     )
-    table = Table("last used", "kind", "bytes", "name", box=None, pad_edge=False)
+    table = _table("last used", "kind", "bytes", "name", box=None, pad_edge=False)
     for e in info["entries"]:
         table.add_row(e["last_used"], e["kind"], human_bytes(e["bytes"]), e["name"])
     if info["entries"]:

@@ -67,12 +67,16 @@ def weight_cache_file(graph: Path, directory: Path) -> Path:
     gigabytes at every load; plus the LiteRT version and the CPU (packed layouts depend on the
     micro-kernels chosen). Files of older versions of the same graph path are removed.
     """
-    from importlib.metadata import PackageNotFoundError, version
+    import ai_edge_litert
 
-    try:
-        litert = version("ai-edge-litert")
-    except PackageNotFoundError:  # pragma: no cover - depends on the environment
-        litert = "unknown"
+    litert = getattr(ai_edge_litert, "__version__", None)
+    if litert is None:  # pragma: no cover - older packages: ask the installer's records
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            litert = version("ai-edge-litert")
+        except PackageNotFoundError:
+            litert = "unknown"
     resolved = graph.resolve()
     st = resolved.stat()
     where = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
