@@ -108,6 +108,7 @@ def main() -> None:
     tmp = None
     if args.cache is None:
         tmp = args.cache = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    args.cache.mkdir(parents=True, exist_ok=True)
     try:
         if args.phases:
             for src in srcs:
