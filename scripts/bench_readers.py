@@ -8,7 +8,9 @@ process, the two trees alternating, medians of --repeat runs:
 - all: open, then every tensor and operator unpacked (what quantize and bundle touch);
 - inspect: `llmtool inspect`'s `describe(graph)` in-process (graph, tokenizer, signatures);
 - fuzz: cases per second of tests/fuzz_readers.py (this checkout's driver, the tree's readers)
-  on each kind of file: container (.bin), graph (.tflite), .task, .litertlm.
+  on each kind of file: container (.bin), graph (.tflite), .task, .litertlm;
+- with --cli: wall time of `llmtool inspect GRAPH` and of `llmtool run --model GRAPH` (a short
+  prompt, 16 tokens in all, warm XNNPACK cache) for the big graphs, as a user sees them.
 
 The small files are the fuzz test's (a tiny random Gemma-2B, int8, exported with a 32-token
 cache and bundled), written once to --work. --big also exports bench_convert.py's ~457M
@@ -29,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,9 +57,12 @@ def unpack_all(path):
             list(sg.operators)
 
 out = {}
+describe(sys.argv[2])  # imports
 for path in sys.argv[2:]:
     n = int(sys.argv[1])
-    describe(path)  # warm the page cache and imports
+    with open(path, "rb") as f:  # the page cache
+        while f.read(64 << 20):
+            pass
     with read_model(path) as m:
         ops = sum(len(sg.operators) for sg in m.subgraphs)
         tensors = sum(len(sg.tensors) for sg in m.subgraphs)
@@ -83,6 +89,18 @@ def run_child(tree: Path, args: list[str], env_extra: dict[str, str] | None = No
     if p.returncode not in (0, 1):
         raise SystemExit(f"{tree}: {' '.join(args[:2])} failed:\n{p.stderr[-3000:]}")
     return p.stdout.strip().splitlines()[-1]
+
+
+def time_command(tree: Path, args: list[str], cache: Path) -> float:
+    """Wall seconds of `python -m llmtool ARGS` with the tree's llmtool."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "LLMTOOL_CACHE_DIR": str(cache)}
+    start = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "llmtool", *args], capture_output=True, env=env, cwd=tree
+    )
+    if p.returncode:
+        raise SystemExit(f"{tree}: llmtool {' '.join(args)} failed:\n{p.stderr.decode()[-2000:]}")
+    return time.perf_counter() - start
 
 
 def make_small(work: Path) -> list[Path]:
@@ -163,8 +181,10 @@ def main() -> int:
     ap.add_argument("--graph", type=Path, action="append", default=[], help="more graphs")
     ap.add_argument("--big", action="store_true", help="also the ~457M Gemma-shaped int8 graph")
     ap.add_argument("--narrow", action="store_true", help="also a 30-layer Llama-shaped graph")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=5, help="processes per tree (medians)")
+    ap.add_argument("--inner", type=int, default=3, help="timings per process (median)")
     ap.add_argument("--fuzz-seconds", type=float, default=6.0, help="per file and tree")
+    ap.add_argument("--cli", action="store_true", help="also time `inspect` and `run` commands")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -182,7 +202,7 @@ def main() -> int:
     facts: dict[str, dict[str, int]] = {}
     for _ in range(args.repeat):
         for tree_name, tree in trees.items():
-            line = run_child(tree, ["-c", CHILD, "3", *map(str, graphs)])
+            line = run_child(tree, ["-c", CHILD, str(args.inner), *map(str, graphs)])
             for path, r in json.loads(line).items():
                 facts[path] = {"operators": r["operators"], "tensors": r["tensors"]}
                 row = parse[tree_name].setdefault(path, {})
@@ -208,6 +228,22 @@ def main() -> int:
                     print(f"{tree_name} {path.name}: failures {report['failures'][:3]}")
                 for kind, n in report["by_kind"].items():
                     fuzz[tree_name].setdefault(kind, []).append(n / args.fuzz_seconds)
+    cli: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in trees}
+    if args.cli:
+        commands = {
+            "inspect": ["inspect"],
+            "run": ["run", "--prompt", "It is a truth", "--max-tokens", "16", "--num-threads", "2"],
+        }
+        big = [g for g in graphs if g != small[1]]
+        for rep in range(args.repeat + 1):  # the first round warms caches and is not counted
+            for tree_name, tree in trees.items():
+                for g in big:
+                    for name, command in commands.items():
+                        extra = ["--model", str(g)] if name == "run" else [str(g)]
+                        seconds = time_command(tree, [*command, *extra], args.work / "cache")
+                        if rep:
+                            row = cli[tree_name].setdefault(str(g), {})
+                            row.setdefault(name, []).append(seconds)
     load_end = uptime()
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -223,6 +259,10 @@ def main() -> int:
                 },
             }
             for p in map(str, graphs)
+        },
+        "cli_s": {
+            t: {g: {k: round(statistics.median(v), 2) for k, v in r.items()} for g, r in c.items()}
+            for t, c in cli.items()
         },
         "fuzz_cases_per_s": {
             t: {k: round(statistics.median(v), 1) for k, v in fuzz[t].items()} for t in trees
@@ -242,6 +282,13 @@ def main() -> int:
             if "baseline" in trees:
                 base = r[f"baseline_{key}"]
                 line += f"   baseline {base:9.1f} ms   {base / max(r[f'this_{key}'], 1e-9):6.1f}x"
+            print(line)
+    for g, r in result["cli_s"]["this"].items():
+        for name, seconds in r.items():
+            line = f"{Path(g).name}: llmtool {name:8s} this {seconds:6.2f} s"
+            if "baseline" in trees:
+                base = result["cli_s"]["baseline"][g][name]
+                line += f"   baseline {base:6.2f} s   {base / seconds:5.1f}x"
             print(line)
     print("fuzz cases/s (median):")
     for kind in result["fuzz_cases_per_s"]["this"]:
