@@ -694,9 +694,16 @@ def _read_view(model) -> dict:
             "buffers": buffers, "description": model.description}  # fmt: skip
 
 
-def _ops_writer() -> ModelWriter:
+def _ops_writer(weights: bool = True) -> ModelWriter:
     writer = ModelWriter()
     t = [Tensor("a", (2,), "float32"), Tensor("b", (2,), "float32", shape_signature=(-1,))]
+    if weights:  # a blockwise int4 tensor and its scales
+        w = writer.add_buffer(np.arange(64, dtype=np.uint8))
+        scales = writer.add_buffer(np.ones((2, 2), np.float16))
+        t += [
+            Tensor("w", (2, 64), "int4", w, Quantization.blockwise(3, 32)),
+            Tensor("w.scales", (2, 2), "float16", scales),
+        ]
     ops = [
         Operator("GELU", [0], [1], {"approximate": True}),
         Operator("FULLY_CONNECTED", [0, 0, -1], [1], {"fusedActivationFunction": "relu"}, 2),
@@ -713,7 +720,7 @@ def test_reader_agrees_with_the_schema_object_api(converted, tmp_path: Path) -> 
     from llmtool.pipelines.resolve import default_model_path
 
     graph = tmp_path / "g.tflite"
-    export_graph(converted("LLAMA", "int4"), graph, ExportOptions(max_seq_len=32, prefill_len=8))
+    export_graph(converted("GEMMA_2B", "int8"), graph, ExportOptions(max_seq_len=32, prefill_len=8))
     files = {
         "sample": _sample_writer().to_bytes(alignment=64),
         "ops": _ops_writer().to_bytes(alignment=64),
@@ -721,7 +728,7 @@ def test_reader_agrees_with_the_schema_object_api(converted, tmp_path: Path) -> 
             Path(__file__).parent / "data/litert_torch_tiny_llama.tflite"
         ).read_bytes(),
         "default model": default_model_path().read_bytes(),
-        "exported int4 graph": graph.read_bytes(),  # blockwise scales, per-channel int8
+        "exported graph": graph.read_bytes(),
     }
     for name, content in files.items():
         model = read_model_bytes(content)
@@ -750,7 +757,8 @@ def _damaged(edit) -> bytes:
     its object-API form, packed again."""
     import flatbuffers
 
-    m = schema.ModelT.InitFromObj(schema.Model.GetRootAs(_ops_writer().to_bytes(64), 0))
+    content = _ops_writer(weights=False).to_bytes(64)
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAs(content, 0))
     edit(m, m.subgraphs[0])
     builder = flatbuffers.Builder(1024)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")
