@@ -569,11 +569,18 @@ def sweep_main(args: argparse.Namespace) -> None:
     tools = find_llama_cpp(args.llama_cpp) if args.llama_cpp else None
     containers: dict[tuple[str, str], Path] = {}
     ggufs: dict[tuple[str, str], Path] = {}
-    ckey = source_key(skip=("runtime/", "cli.py", "pipelines/run.py", "decoder.py"))
+    # Sources that cannot change a container or a graph (running, other verbs, bundles):
+    # a change there does not make the sweep convert and export everything again.
+    unused = ("runtime/", "cli.py", "__main__.py", "cache.py", "chat_template.py",
+              "pipelines/run.py", "pipelines/bundle.py", "pipelines/release.py",
+              "pipelines/evaluate.py", "pipelines/inspect.py", "pipelines/quantize.py",
+              "pipelines/lora_convert.py", "formats/task_bundle.py", "formats/litertlm.py",
+              "formats/llm_params.py")  # fmt: skip
+    ckey = source_key(skip=("decoder.py", "pipelines/export.py", *unused))
     # `run` caches graphs by container content, not by the code that exported them: the sweep
     # keeps one graph cache per version of the exporting sources, so a changed exporter is
     # measured (older caches, and containers of older sources, are removed: gigabytes).
-    gkey = source_key(skip=("runtime/", "cli.py", "__main__.py"))
+    gkey = source_key(skip=unused)
     graph_cache = args.work / f"sweep-cache-{gkey}"
     os.environ["LLMTOOL_CACHE_DIR"] = str(graph_cache)
     for old in [*args.work.glob("sweep-cache-*"), *args.work.glob("sweep-*.bin")]:
