@@ -267,3 +267,13 @@ def test_blockwise_int4_round_trip(tmp_path: Path) -> None:
     with pytest.raises(LlmToolError, match="got block size 32, planned 64"):
         ContainerWriter(tmp_path / "bad.bin", "X", wrong, {}).write(lambda e: values["a"])
     assert not (tmp_path / "bad.bin").exists()
+
+
+def test_overflowing_scales_are_refused(tmp_path: Path) -> None:
+    """A finite but huge scale (a damaged file) is an error, not inf values and a warning."""
+    path = tmp_path / "m.bin"
+    q = quantize(np.ones((4, 8), np.float32), 8)
+    q.scale = np.full(4, 3e38, np.float32)
+    ContainerWriter(path, "X", [TensorPlan("w", (4, 8), "int8")], {}).write(lambda e: q)
+    with Container.open(path) as c, pytest.raises(LlmToolError, match="overflow float32"):
+        c.float("w")

@@ -369,10 +369,15 @@ class Container:
         q = self.quantized(name)
         assert q is not None
         try:
-            return dequantize(q)
+            with np.errstate(over="raise", invalid="raise"):
+                return dequantize(q)
         except ValueError:  # stored parameters that do not fit the shape: a damaged file
             raise LlmToolError(
                 f"tensor {name!r}: quantization parameters do not fit its shape", self.path
+            ) from None
+        except FloatingPointError:  # e.g. a scale near float32's maximum: a damaged file
+            raise LlmToolError(
+                f"tensor {name!r}: its quantization scales overflow float32", self.path
             ) from None
 
     def _lookup(self, name: str) -> int:
