@@ -46,10 +46,6 @@ from llmtool.quantization import pack_int4, unpack_int4
 from llmtool.spec import ModelSpec, role_name, role_shape
 
 MASKED = -1e9  # additive mask value of hidden keys (what runtimes feed in `mask`)
-# The caches are the left operand of the attention products (_Decoder.cache_as_lhs) for calls
-# of at most this many query rows per KV head (group size x tokens) and heads this wide.
-LHS_MAX_ROWS = 16
-LHS_MIN_HEAD_DIM = 128
 
 
 class _Weights:
@@ -469,22 +465,6 @@ class _Decoder:
         The `mask` columns cover exactly this range."""
         return 0, ctx["kv_len"]
 
-    @staticmethod
-    def cache_as_lhs(rows: int, head_dim: int) -> bool:
-        """Whether the caches are the left operand of the attention products.
-
-        XNNPACK repacks a non-constant right operand of BATCH_MATMUL on every call: with the
-        cache on the right (q K^T, probs V^T) each call reads the attended cache, writes a
-        packed copy and reads that again, to multiply it with a few query rows. With the cache
-        on the left (K q^T, V probs^T: the same dot products) only the query rows are packed
-        and the cache is read once, in place. Measured with scripts/bench_attention.py
-        (docs/BENCHMARKS.md): 1.2-1.4x faster over 1024-4096 positions with heads of 256 and
-        of 128 and no slower at 256, but 0.7-0.9x with heads of 64 (a short inner loop per
-        cache row), which keep the usual order, as do many rows (long prefill chunks), whose
-        packing is shared by all the rows.
-        """
-        return rows <= LHS_MAX_ROWS and head_dim >= LHS_MIN_HEAD_DIM
-
     def attention(self, g: _Subgraph, x: int, layer: int, ctx: dict[str, int]) -> int:
         spec = self.spec
         T = g.shape(x)[0]
@@ -538,12 +518,7 @@ class _Decoder:
 
         # Scores for the query heads of each kv head at once: [KVH, G*T, S].
         qg = g.reshape(g.transpose(q, (1, 0, 2)), (KVH, G * T, D))
-        keys, values = g.reshape(k_all, (KVH, S, D)), g.reshape(v_all, (KVH, D, S))
-        cache_lhs = self.cache_as_lhs(G * T, D)
-        if cache_lhs:  # scores^T = K q^T [KVH, S, G*T], turned around (a small tensor)
-            scores = g.transpose(g.batch_matmul(keys, qg, adj_y=True), (0, 2, 1))
-        else:
-            scores = g.batch_matmul(qg, keys, adj_y=True)
+        scores = g.batch_matmul(qg, g.reshape(k_all, (KVH, S, D)), adj_y=True)
         scores = g.reshape(scores, (NH, T, S))
         if spec.attn_softcap:
             scores = self.softcap(g, scores, spec.attn_softcap)
@@ -552,12 +527,8 @@ class _Decoder:
             scores = g.add(scores, ctx["alibi"])
         probs = g.op("SOFTMAX", [scores], (NH, T, S), options={"beta": 1.0})
         probs = g.reshape(probs, (KVH, G * T, S))
-        if cache_lhs:  # ctx^T = V probs^T [KVH, D, G*T] -> [T, KVH, G, D]
-            ctx_t = g.reshape(g.batch_matmul(values, probs, adj_y=True), (KVH, D, G, T))
-            heads = g.transpose(ctx_t, (3, 0, 2, 1))
-        else:
-            ctx_v = g.batch_matmul(probs, values, adj_y=True)
-            heads = g.transpose(g.reshape(ctx_v, (NH, T, D)), (1, 0, 2))
+        ctx_v = g.batch_matmul(probs, g.reshape(v_all, (KVH, D, S)), adj_y=True)
+        heads = g.transpose(g.reshape(ctx_v, (NH, T, D)), (1, 0, 2))
         return self.linear(g, g.reshape(heads, (T, NH * D)), ["o"], layer, spec.attn_out_bias)[0]
 
     def mlp(self, g: _Subgraph, x: int, layer: int) -> int:

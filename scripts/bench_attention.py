@@ -7,11 +7,12 @@ bound as both input and output TensorBuffers, as the `run` engine binds them), t
 SLICEd to the signature's bucket [0, L), then scores, mask, softmax and probs x V, as:
 
 - `bmm`: the caches as BATCH_MATMUL's right operand (scores = q K^T, ctx = probs V^T): what
-  decoder.py exports for many query rows. XNNPACK packs a non-constant right operand on every
-  call: the bucket is read, written packed, and read again;
+  decoder.py exports. XNNPACK packs a non-constant right operand on every call: the bucket is
+  read, written packed, and read again;
 - `lhs`: the caches as the left operand (scores^T = K q^T [KVH, L, G*T], ctx^T = V probs^T
   [KVH, D, G*T]), the small results transposed back: only q and probs are packed. The same
-  dot products, the same cache layouts (what decoder.py exports for decode with wide heads);
+  dot products, the same cache layouts. Faster here with heads of 128 and 256, slower with 64,
+  but whole-model decode did not follow reliably (docs/BENCHMARKS.md), so it is not exported;
 - suffix `_full`: a cache of exactly L positions (no SLICE: what the bucket slice costs);
   suffix `_nodus`: no cache update; `dus_only`: only the cache updates.
 

@@ -39,9 +39,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model
 DEFAULT_MAX_SEQ_LEN = 8192
 
 # Part of the graph cache key: bump it when the exporter writes different graphs for the same
-# container (2: decode attention with the caches as the left matmul operand), so a cached graph
-# from an older exporter is exported again instead of being served.
-GRAPH_REVISION = 2
+# container, so a cached graph from another exporter is exported again instead of being served.
+GRAPH_REVISION = 3
 
 
 def cache_root() -> Path:
