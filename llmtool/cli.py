@@ -621,8 +621,21 @@ def quantize(
     ] = None,
     calibration_data: Annotated[
         Path | None,
-        typer.Option(help="full-int8/int16x8: text, one sample per line (or .npz arrays)."),
+        typer.Option(
+            help="full-int8/int16x8: text, one sample per line (or .npz arrays); dynamic-int8: "
+            "text for smoothing's activation ranges (default: random token sequences)."
+        ),
     ] = None,
+    smooth: Annotated[
+        bool,
+        typer.Option(
+            help="dynamic-int8 of a float model: fold outlier smoothing into the weights "
+            "(exact in float; lowers int8 activation error)."
+        ),
+    ] = True,
+    smooth_alpha: Annotated[
+        float, typer.Option(help="Smoothing strength, 0-1: how much range moves to weights.")
+    ] = 0.5,
     attention_bits: Annotated[
         int | None, typer.Option(help="Containers: bits of attention weights (32/16/8/4).")
     ] = None,
@@ -649,6 +662,8 @@ def quantize(
         feedforward_bits=feedforward_bits,
         embedding_bits=embedding_bits,
         float_source=str(float_source) if float_source else None,
+        smooth=smooth,
+        smooth_alpha=smooth_alpha,
     )
     with ProgressBar("quantizing", enabled=not json_out) as bar:
         summary = quantize_model(input_file, output_file, options, bar)

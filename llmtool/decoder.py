@@ -116,6 +116,8 @@ class _Subgraph:
         self.outputs: dict[str, int] = {}
         self._consts: dict[str, int] = {}
         self._stored: dict[str, int] = {}  # weight key -> its constant in the stored dtype
+        # (weight names, input tensor) of every FULLY_CONNECTED: what smoothing.py measures
+        self.fc_inputs: list[tuple[tuple[str, ...], int]] = []
 
     # -- tensors ----------------------------------------------------------------------------
 
@@ -277,6 +279,7 @@ class _Subgraph:
     def fc(self, x: int, weights: list[str], biases: list[str] | None = None) -> int:
         """x @ W.T + b with the named weights stacked along their output rows."""
         w = self.weight(*weights)
+        self.fc_inputs.append((tuple(weights), x))
         inputs = [x, w, self.weight(*biases) if biases else -1]
         out = (*self.shape(x)[:-1], self.shape(w)[0])
         options = {

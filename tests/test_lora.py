@@ -217,6 +217,26 @@ def test_adapter_over_quantized_bases(adapters, tiny_model, converted, quantizat
         assert err < 2 * base_err
 
 
+def test_adapter_for_a_smoothed_base(adapters, tmp_path):
+    """quantize's outlier smoothing rescales the base (norm gains, v/up rows, columns of the
+    projections): an adapter converted for the smoothed base folds the same scales in and
+    equals PEFT (weights kept float32, so exactly); the one converted for the unsmoothed
+    base is refused there instead of running wrong."""
+    from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
+
+    a = adapters("LLAMA")
+    base = tmp_path / "smoothed.bin"
+    bits = dict(attention_bits=32, feedforward_bits=32, embedding_bits=32)
+    assert quantize_model(a.container, base, QuantizeOptions(**bits))["smoothing"]
+    lora = tmp_path / "all.lora.bin"
+    lora_convert(a.folder_all, base, lora)
+    options = LlmInferenceOptions(model_path=str(base), lora_path=str(lora), max_tokens=64)
+    with LlmInference.create_from_options(options) as llm:
+        assert_close(llm.logits(IDS), a.logits["all"])
+        with pytest.raises(LlmToolError, match="was converted for"):
+            llm.set_lora(a.all_linear)
+
+
 def test_lora_file_contents_and_determinism(adapters, tmp_path):
     a = adapters("LLAMA")
     again = lora_convert(a.folder_all, a.container, tmp_path / "again.bin")

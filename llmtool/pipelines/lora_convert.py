@@ -38,6 +38,7 @@ from llmtool.formats.lora_file import (
     lora_input_name,
     write_lora_file,
 )
+from llmtool.smoothing import lora_fold, read_folds
 from llmtool.spec import ModelSpec, role_shape
 
 Progress = Callable[[int, int, str], None]
@@ -89,6 +90,7 @@ def lora_convert(
             raise LlmToolError("not a converted model (no llmtool.model_spec)", base_path)
         spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC])
         identity = base_identity(c)
+        folds = read_folds(c.metadata)  # a smoothed base: its rescaling applies to the adapter
     arch = get_architecture(spec.model_type)
     embedded = [n.split(".lora_embedding")[0] for n in others if ".lora_embedding_" in n]
     matched = _match_modules(arch, modules, embedded, weights_file)
@@ -119,7 +121,10 @@ def lora_convert(
         ranks.add(rank)
         a_prime = (a.T * np.float32(scale)).astype(np.float32)
         for role, b_part in zip(rule.roles, lora_rows(rule.transform, b, spec), strict=True):
-            parts.append((role.split(".")[0], layer, a_prime, np.ascontiguousarray(b_part.T)))
+            a_role, b_role = a_prime, np.ascontiguousarray(b_part.T)
+            if folds:
+                a_role, b_role = lora_fold(folds, spec, role.split(".")[0], layer, a_role, b_role)
+            parts.append((role.split(".")[0], layer, a_role, b_role))
     stored = RANK_MULTIPLE * math.ceil(max(ranks) / RANK_MULTIPLE)
     for role, layer, a_prime, b_prime in parts:
         r = a_prime.shape[1]

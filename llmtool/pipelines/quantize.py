@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from llmtool import smoothing
 from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option, check_types
 from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap, write_bytes
@@ -43,7 +44,7 @@ from llmtool.formats.tflite_model import ModelFile, ModelWriter, read_model
 from llmtool.pipelines.convert import encode_tensor, storage_plan
 from llmtool.pipelines.quiet import quiet
 from llmtool.quantization import QuantizedTensor
-from llmtool.spec import ROLE_KIND, ROLE_NAMES
+from llmtool.spec import ROLE_KIND, ROLE_NAMES, ModelSpec
 
 MODES = ("dynamic-int8", "float16", "int4", "full-int8", "int16x8")
 STATIC_MODES = {"full-int8": 8, "int16x8": 16}
@@ -66,6 +67,10 @@ class QuantizeOptions:
     # a float container to take already-quantized tensors from
     float_source: str | os.PathLike[str] | None = None
     calibration_samples: int = 32  # at most this many calibration lines / arrays
+    # dynamic-int8 of a float container: fold outlier smoothing into the weights first
+    # (smoothing.py); its samples are --calibration-data's lines, or data-free token sequences
+    smooth: bool = True
+    smooth_alpha: float = 0.5
 
 
 def _no_progress(done: int, total: int, what: str) -> None:
@@ -131,8 +136,16 @@ def _check_options(o: QuantizeOptions) -> None:
             )
         if not Path(o.calibration_data).is_file():
             raise LlmToolError("calibration data not found", o.calibration_data)
-    elif o.calibration_data:
-        raise LlmToolError(f"--calibration-data is for full-int8 / int16x8, not {o.mode}")
+    elif o.calibration_data and o.mode != "dynamic-int8":
+        raise LlmToolError(
+            f"--calibration-data is for full-int8 / int16x8 and dynamic-int8, not {o.mode}"
+        )
+    elif o.calibration_data and not o.smooth:
+        raise LlmToolError("--calibration-data for dynamic-int8 is smoothing's: drop --no-smooth")
+    elif o.calibration_data and not Path(o.calibration_data).is_file():
+        raise LlmToolError("calibration data not found", o.calibration_data)
+    if not 0.0 <= o.smooth_alpha <= 1.0:
+        raise LlmToolError(f"--smooth-alpha must be between 0 and 1 (got {o.smooth_alpha})")
 
 
 def kind_bits(o: QuantizeOptions) -> dict[str, int]:
@@ -207,6 +220,13 @@ def _quantize_container(
                 _check_source(fsrc, entry)
                 from_source.append(entry.name)
 
+        def source_of(name: str) -> Container:
+            return fsrc if fsrc is not None and name in from_source else c
+
+        smoother = _smoother(c, fsrc, o, src, out, plan, copied, source_of, progress)
+        smoothed = set() if smoother is None else {e.name for e in plan if e.name in smoother}
+        copied = [n for n in copied if n not in smoothed]  # float norms that smoothing rescales
+
         def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
             done = len(done_names)
             progress(done, len(plan), entry.name)
@@ -214,9 +234,10 @@ def _quantize_container(
             if entry.name in copied:
                 q = c.quantized(entry.name)
                 return q if q is not None else np.asarray(c.raw(entry.name))
-            source = fsrc if entry.name in from_source else c
-            assert source is not None
-            return encode_tensor(source.float(entry.name), entry)
+            value = source_of(entry.name).float(entry.name)
+            if smoother is not None:
+                value = smoother.apply(entry.name, value)
+            return encode_tensor(value, entry)
 
         done_names: list[str] = []
         metadata = dict(c.metadata)
@@ -227,6 +248,10 @@ def _quantize_container(
         conversion.pop("int4_block_sizes", None)
         if blocks:
             conversion["int4_block_sizes"] = blocks
+        metadata.pop(smoothing.METADATA_KEY, None)
+        if smoother is not None:
+            conversion["smoothing"] = smoother.info
+            metadata[smoothing.METADATA_KEY] = smoother.metadata()
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
         ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
         progress(len(plan), len(plan), "done")
@@ -238,7 +263,49 @@ def _quantize_container(
         "copied": len(copied),
         "quantized": len(requantized),
         "from_float_source": len(from_source),
+        "smoothing": smoother.info if smoother is not None else None,
     }
+
+
+def _smoother(
+    c: Container,
+    fsrc: Container | None,
+    o: QuantizeOptions,
+    src: Path,
+    out: Path,
+    plan: list[TensorPlan],
+    copied: list[str],
+    source_of: Callable[[str], Container],
+    progress: Progress,
+) -> smoothing.Smoother | None:
+    """Outlier smoothing for dynamic-int8 of a float model (None when it does not apply:
+    --no-smooth, another mode, weights already int8 without a float source, or a container
+    that is not a converted LLM)."""
+    if o.mode != "dynamic-int8" or not o.smooth or keys.MODEL_SPEC not in c.metadata:
+        return None
+    if c.metadata.get(smoothing.METADATA_KEY):
+        return None  # already smoothed (and its weights were quantized then)
+    spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
+    scaled = {e.name for e in plan if e.dtype == "int8"}
+    folds = smoothing.plan_folds(spec)
+    if any(name in copied and name in scaled for name in smoothing.consumer_names(spec, folds)):
+        return None  # int8 weights copied as they are: folding would need their float values
+    probe = fsrc if fsrc is not None else c
+    if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
+        return None  # too large to run in float here: plain per-channel int8
+    progress(0, len(plan), "measuring activations")
+    if o.calibration_data:
+        sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data))
+        source = f"calibration text ({len(sequences)} lines)"
+    else:
+        sequences = smoothing.sample_sequences(spec.vocab_size, spec.bos_token_id)
+        source = f"{len(sequences)} random token sequences (data-free)"
+    maxima = smoothing.activation_maxima(probe, spec, sequences, out.parent)
+    scales = smoothing.fold_scales(
+        spec, lambda n: source_of(n).float(n), maxima, o.smooth_alpha
+    )
+    info = {"alpha": o.smooth_alpha, "samples": source, "fold_count": len(scales)}
+    return smoothing.Smoother(spec, scales, info)
 
 
 @contextmanager
@@ -445,6 +512,12 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
         )
     if o.float_source is not None:
         raise LlmToolError("--float-source applies to containers; quantize the float graph", src)
+    if o.mode == "dynamic-int8" and o.calibration_data:
+        raise LlmToolError(
+            "--calibration-data for dynamic-int8 feeds outlier smoothing, which needs a "
+            "converted container (.bin): a graph does not say which layer is which",
+            src,
+        )
     with read_model(src) as m:
         name = _already_quantized(m)
         if name is not None:
