@@ -227,3 +227,24 @@ def test_litert_lm_runs_the_newer_families(fixture, gemma, converted, tmp_path):
     expected = sp.decode(out).split("\x00")[0]
     assert text == expected
     assert len(expected) > 8, "the output should be long enough to compare"
+
+
+def test_damaged_zip_fields_are_one_line_errors(tmp_path: Path) -> None:
+    """zipfile's own exceptions for damaged central-directory fields (found by the fuzz test)."""
+    from llmtool.formats.task_bundle import task_bundle_entries
+
+    path = tmp_path / "m.task"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("TF_LITE_PREFILL_DECODE", b"x")
+    data = path.read_bytes()
+    central = data.index(b"PK\x01\x02")
+    version = bytearray(data)
+    version[central + 6] = 0xFF  # "version needed to extract": 25.5
+    utf8 = bytearray(data)
+    utf8[central + 9] |= 0x08  # the UTF-8 name flag, on a name that is not UTF-8
+    utf8[central + 46 : central + 48] = b"\xff\xfe"
+    for damaged, needle in ((version, "NotImplementedError"), (utf8, "UnicodeDecodeError")):
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(LlmToolError, match=needle) as err:
+            task_bundle_entries(path)
+        assert "m.task" in str(err.value) and "\n" not in str(err.value)

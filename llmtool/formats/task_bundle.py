@@ -161,8 +161,10 @@ def task_bundle_entries(path: str | Path) -> dict[str, BundleEntry]:
                 entries[name] = BundleEntry(name, offset, info.file_size)
                 spans.append((info.header_offset, offset + info.compress_size, name))
             end_of_data = zf.start_dir
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise LlmToolError(f"not a .task bundle ({exc})", path) from None
+    except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError) as exc:
+        # zipfile raises NotImplementedError for a damaged "version needed" field and
+        # UnicodeDecodeError (a ValueError) for a damaged UTF-8 entry name
+        raise LlmToolError(f"not a .task bundle ({type(exc).__name__}: {exc})", path) from None
     previous_end, previous = 0, ""
     for start, end, name in sorted(spans):
         if start < previous_end:
