@@ -11,11 +11,12 @@ blocks of 32). Scales are rounded to float16 before the values are, because that
 stores them (XNNPACK's blockwise fully-connected kernels); `scale` is then float32
 [rows, columns // block_size] holding float16-exact values.
 
-int4 scales are searched (symmetric per-channel and blockwise): absmax (max|w| / 7, or Q4_0's
-max / -8) spends a level on one outlier, so each row or block takes the values of the
-candidate scale `max|w| / d`, for a small grid of divisors d, with the smallest weighted
-squared error (as llama.cpp's make_qx_quants searches), and then the scale that leaves the
-error uncorrelated with the weights (`_search_scales`). int8 keeps absmax scales.
+int4 scales are searched per channel: absmax (max|w| / 7) spends a level on one outlier, so
+each row takes the values of the candidate scale `max|w| / d`, for a small grid of divisors d,
+with the smallest weighted squared error (as llama.cpp's make_qx_quants searches), and then the
+scale that leaves the error uncorrelated with the weights (`_search_scales`). Blocks keep
+absmax scales (Q4_0's): the same search lowered KL on the trained default model but raised it
+on SmolLM2-135M and on a random 457M model (docs/BENCHMARKS.md). int8 keeps absmax scales.
 
 Large tensors are processed in row blocks, so the peak extra memory is the output plus a
 few megabytes, never a float copy of the input.
@@ -30,10 +31,9 @@ import numpy as np
 from llmtool.errors import LlmToolError
 
 _BLOCK_ELEMENTS = 1 << 16  # elements per block: 256 KiB of float32 stays in cache
-# Divisors d tried for int4 scales max|w| / d (7 and 8 are absmax for [-7, 7] and Q4_0's [-8, 7]).
+# Divisors d tried for int4 row scales max|w| / d (7 is absmax for [-7, 7]).
 # Finer grids gain under 1% of the error for twice the time.
 _ROW_DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0)
-_BLOCK_DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0)
 
 
 @dataclass
@@ -234,13 +234,9 @@ def _block_scales(blocks: np.ndarray, bits: int) -> np.ndarray:
 
     Values range over [-2^(bits-1), 2^(bits-1) - 1] like llama.cpp's Q4_0 (one more level for
     negative values). int8: absmax (a block whose largest magnitude is negative maps it to
-    -128, otherwise to 127). int4: the searched scales of `_search_scales`.
+    -128, otherwise to 127), int4 likewise (-8 or 7), as Q4_0 does.
     """
     qmax = (1 << (bits - 1)) - 1
-    if bits == 4:
-        flat = blocks.reshape(-1, blocks.shape[-1]).astype(np.float32, copy=False)
-        scale = _search_scales(flat, -qmax - 1, qmax, _BLOCK_DIVISORS, float16=True)
-        return scale.reshape(blocks.shape[:-1])
     hi = blocks.max(axis=-1)
     lo = blocks.min(axis=-1)
     if not (np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))):
