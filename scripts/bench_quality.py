@@ -284,7 +284,12 @@ def main() -> None:
         ref_logits = chunk_logprobs(args.work / "float32.tflite", chunks, first, args.threads)
         ref_rows = [[encode_row(r) for r in lg] for lg in ref_logits]
         base = args.work / "reference.logits"
-        write_base(base, args.ctx, vocab, stream, ref_rows)
+        # llama.cpp reads the tokens it scores from this file: each chunk starts with BOS, as
+        # ours do (it puts BOS there itself only when the GGUF says to add one)
+        base_tokens = stream.copy()
+        if tok.bos_id is not None:
+            base_tokens[:: args.ctx] = tok.bos_id
+        write_base(base, args.ctx, vocab, base_tokens, ref_rows)
     for name, path in files.items():
         if args.speed_only:
             continue
