@@ -19,6 +19,7 @@ from llmtool.pipelines.export import ExportOptions, export_graph
 from llmtool.pipelines.run import LlmInference
 from llmtool.runtime.inference import LlmInferenceOptions
 from tests.conftest import TOKENIZER_STYLE
+from tests.litert_lm_runs import litert_lm_greedy
 from tests.tiny_models import MODEL_TYPES
 
 ARCHS = (*MODEL_TYPES, "QWEN2")  # the eight rows of the seed table
@@ -61,24 +62,6 @@ def ours(model: Path) -> dict:
         return llm.generate(PROMPT).as_dict()
 
 
-def litert_lm_greedy(bundle_path: Path) -> str:
-    litert_lm = pytest.importorskip("litert_lm")  # the test extra (linux x86_64)
-    engine = litert_lm.Engine(
-        str(bundle_path),
-        backend=litert_lm.Backend.CPU(thread_count=1),
-        cache_dir=":nocache",
-        max_num_tokens=64,
-    )
-    session = engine.create_session(
-        apply_prompt_template=False,
-        sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0, seed=0),
-        max_output_tokens=NEW_TOKENS,
-    )
-    session.run_prefill([PROMPT])
-    text = session.run_decode().texts[0]
-    return text.split("\x00")[0].rstrip("\ufffd")  # its C API returns NUL-terminated text
-
-
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_every_architecture_bundles_and_runs(bundles, model_type):
     """The bundles run in llmtool exactly as the container does, and LiteRT-LM's greedy output
@@ -94,9 +77,9 @@ def test_every_architecture_bundles_and_runs(bundles, model_type):
         assert got["token_ids"] == reference["token_ids"], kind
     # LiteRT-LM holds back a trailing incomplete UTF-8 character that llmtool flushes as U+FFFD
     text = reference["text"].split("\x00")[0].rstrip("\ufffd")
-    assert litert_lm_greedy(paths["litertlm"]) == text
+    assert litert_lm_greedy(paths["litertlm"], PROMPT, NEW_TOKENS) == text
     if TOKENIZER_STYLE.get(model_type) == "spm":
-        assert litert_lm_greedy(paths["task"]) == text
+        assert litert_lm_greedy(paths["task"], PROMPT, NEW_TOKENS) == text
 
 
 def test_metadata_bytes_match_the_reference(bundles, tmp_path):

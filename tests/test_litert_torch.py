@@ -19,6 +19,7 @@ from llmtool.pipelines.run import LlmInference
 from llmtool.runtime.compiled_engine import CompiledEngine
 from llmtool.runtime.engine import Engine
 from llmtool.runtime.inference import LlmInferenceOptions
+from tests.litert_lm_runs import litert_lm_greedy
 
 GRAPH = Path(__file__).parent / "data" / "litert_torch_tiny_llama.tflite"
 PROMPT = "the quick brown fox"
@@ -34,7 +35,7 @@ def test_litert_torch_graph_bundles_and_runs(tiny_model, tmp_path):
         np.testing.assert_allclose(engine.prefill(ids), every[-1], atol=1e-5)  # prefill + decode
 
     tokenizer = tiny_model("GEMMA_2B")  # any 320-token tokenizer: the weights are random
-    litert_lm = pytest.importorskip("litert_lm")
+    pytest.importorskip("litert_lm")
     for kind in ("task", "litertlm"):
         out = tmp_path / f"tiny_llama.{kind}"
         bundle(
@@ -47,19 +48,7 @@ def test_litert_torch_graph_bundles_and_runs(tiny_model, tmp_path):
             llm.max_tokens = len(llm.prompt_ids(PROMPT)[0]) + 32
             ours = llm.generate(PROMPT)
         assert len(ours.token_ids) == 32
-        engine = litert_lm.Engine(
-            str(out),
-            backend=litert_lm.Backend.CPU(thread_count=1),
-            cache_dir=":nocache",
-            max_num_tokens=64,
-        )
-        session = engine.create_session(
-            apply_prompt_template=False,
-            sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0, seed=0),
-            max_output_tokens=32,
-        )
-        session.run_prefill([PROMPT])
-        theirs = session.run_decode().texts[0].split("\x00")[0].rstrip("\ufffd")
+        theirs = litert_lm_greedy(out, PROMPT, 32)
         assert ours.text.split("\x00")[0].rstrip("\ufffd") == theirs, kind
 
 
