@@ -1,3 +1,3 @@
-from llmtool.cli import main
+from llmtool.entry import main
 
 main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import typer
 from rich.console import Console
 
 from llmtool.architectures import ARCHITECTURES
+from llmtool.entry import DECIMAL, INTEGER, print_json, run_verb
 from llmtool.errors import LlmToolError
 
 if TYPE_CHECKING:
@@ -75,8 +75,6 @@ typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[metho
 # values of the types our options use (text, whole numbers, decimals, paths without checks) are
 # converted here exactly as Typer would; anything else (lists, "3.0" for an integer, a bad
 # number, file options) goes through Typer's own coercion, so results and errors are unchanged.
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
-_DECIMAL = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 _NOT_PLAIN = object()
 
 
@@ -96,9 +94,9 @@ def _plain_value(param: Any, value: Any, ctx: Any) -> Any:
 
         return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
     if isinstance(value, str):
-        if annotation is int and _INTEGER.fullmatch(value):
+        if annotation is int and INTEGER.fullmatch(value):
             return int(value)
-        if annotation is float and _DECIMAL.fullmatch(value):
+        if annotation is float and DECIMAL.fullmatch(value):
             return float(value)
     return _NOT_PLAIN
 
@@ -166,18 +164,26 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except LlmToolError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except OSError as exc:  # disk full, permission denied, ...
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            err.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+        except (LlmToolError, OSError, KeyboardInterrupt) as exc:
+            raise typer.Exit(report_error(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def report_error(exc: BaseException) -> int | None:
+    """Print a user error as one line on stderr and return its exit code; None (nothing
+    printed) for an exception that is a bug, whose traceback must show."""
+    if isinstance(exc, LlmToolError):
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        return exc.exit_code
+    if isinstance(exc, OSError):  # disk full, permission denied, ...
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", soft_wrap=True)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("interrupted")
+        return 130
+    return None
 
 
 class ProgressBar:
@@ -226,10 +232,6 @@ def _table(*columns: str, **options: Any) -> Table:
     from rich.table import Table  # not at import: `run` prints no table
 
     return Table(*columns, **options)
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def human_bytes(n: int) -> str:
@@ -800,42 +802,11 @@ def run(
     ] = None,
 ) -> None:
     """Generate text from a prompt with a converted model on the LiteRT interpreter."""
-    from llmtool.pipelines.run import run as run_prompt
-    from llmtool.runtime.inference import LlmInferenceOptions, SafetyFilter
-
-    if prompt == "-":
-        # Bytes that are not UTF-8 become U+FFFD (argv's do too, in the runtime).
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    options = LlmInferenceOptions(
-        model_path=str(model) if model else None,
-        max_tokens=max_tokens,
-        top_k=top_k,
-        temperature=temperature,
-        random_seed=random_seed,
-        context_window=context_window,
-        num_threads=num_threads,
-        safety_filter=SafetyFilter.from_file(safety_filter).words if safety_filter else [],
-        lora_path=str(lora_path) if lora_path else None,
-    )
-    streaming = stream and not json_out
-
-    def show(piece: str, done: bool) -> None:
-        sys.stdout.write(piece + ("\n" if done else ""))
-        sys.stdout.flush()
-
-    chat = chat or system is not None
-    if streaming and sys.stdout.isatty() and not chat:
-        out.print(prompt, style="dim", end="", highlight=False, markup=False)
-    result = run_prompt(
-        options, prompt, listener=show if streaming else None, chat=chat, system=system
-    )
-    if json_out:
-        print_json(result.as_dict())
-        return
-    if not streaming:
-        sys.stdout.write(result.text + "\n")
-    if result.stop_reason == "safety_filter":
-        err.print("[yellow]output stopped by the safety filter[/]")
+    # The body is shared with the fast path of a plain `llmtool run` (llmtool/entry.py).
+    run_verb(prompt=prompt, model=model, max_tokens=max_tokens, top_k=top_k,
+             temperature=temperature, random_seed=random_seed, context_window=context_window,
+             num_threads=num_threads, safety_filter=safety_filter, lora_path=lora_path,
+             stream=stream, json_out=json_out, chat=chat, system=system)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------

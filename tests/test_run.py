@@ -393,9 +393,11 @@ def test_content_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
     assert second != first and second == real(model) and len(hashed) == 2
 
 
-def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path):
+@pytest.mark.parametrize("entry", ["llmtool.entry", "llmtool.cli"])
+def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path, entry):
     """A run whose graph is cached loads what running needs: not the exporter or torch, nor
-    pydantic (Typer's option coercion) or protobuf (the SentencePiece proto)."""
+    pydantic (Typer's option coercion) or protobuf (the SentencePiece proto); the command's
+    entry point (a plain `run` parsed without Typer) not even Typer, Click or Rich."""
     env = {**os.environ, "LLMTOOL_CACHE_DIR": str(tmp_path / "cache")}
     args = ["run", "--model", str(converted("GEMMA_2B", "int8")), "--prompt", "the cat",
             "--max-tokens", "12", "--num-threads", "1"]  # fmt: skip
@@ -406,16 +408,64 @@ def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path):
         f"out = open({str(report)!r}, 'w')\n"
         "atexit.register(lambda: out.write(json.dumps(list(sys.modules))) and out.close())\n"
         f"sys.argv = ['llmtool', *{args!r}]\n"
-        "from llmtool.cli import main\n"
+        f"from {entry} import main\n"
         "main()\n"
     )
     warm = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert warm.returncode == 0, warm.stderr
-    loaded = set(json.loads(report.read_text()))
+    loaded = {m.split(".")[0] if m.startswith(("typer", "rich", "click")) else m
+              for m in json.loads(report.read_text())}  # fmt: skip
     assert "llmtool.runtime.compiled_engine" in loaded and "sentencepiece" in loaded
     heavy = {"llmtool.decoder", "llmtool.pipelines.export", "torch", "transformers", "pydantic",
              "google.protobuf"}  # fmt: skip
+    if entry == "llmtool.entry":
+        heavy |= {"typer", "click", "rich", "llmtool.cli"}
     assert not loaded & heavy, loaded & heavy
+
+
+def test_run_fast_path_parses_as_typer(tmp_path):
+    """entry.py parses a plain `llmtool run` without Typer: it knows every option of cli.run
+    with Typer's defaults, and what it takes it parses to the values Typer passes; anything
+    else it leaves to Typer."""
+    import typer.main
+
+    from llmtool import cli, entry
+
+    command = typer.main.get_command(cli.app).commands["run"]
+    flags = {f for p in command.params for f in [*p.opts, *p.secondary_opts]}
+    assert flags == set(entry.RUN_OPTIONS)  # (--help is not a parameter)
+    defaults = {p.name: p.default for p in command.params if p.name != "prompt"}
+    assert defaults == entry.RUN_DEFAULTS
+    model = str(tmp_path / "m.bin")
+    cases = [
+        ["--prompt", "hi"],
+        ["--prompt", "-", "--model", model, "--max-tokens", " 64 ", "--top-k", "+1"],
+        ["--temperature", "0", "--prompt", "--json", "--json", "--no-stream", "--chat"],
+        ["--prompt", "hi", "--temperature", "1e-3", "--random-seed", "-7", "--system", "be",
+         "--context-window", "3", "--num-threads", "2", "--safety-filter", "w.txt",
+         "--lora-path", "a//b/", "--stream", "--model", ""],
+        # left to Typer: a value Typer coerces or refuses, forms and options it alone parses
+        ["--prompt", "hi", "--max-tokens", "3.0"],
+        ["--prompt", "hi", "--temperature", "inf"],
+        ["--prompt", "hi", "--top-k", "1_000"],
+        ["--prompt=hi"],
+        ["--prompt", "hi", "--prompt", "again"],
+        ["--prompt", "hi", "extra"],
+        ["--prompt", "hi", "--help"],
+        ["--prompt", "hi", "--", "--json"],
+        ["--model", model],
+        ["--prompt"],
+    ]  # fmt: skip
+    taken = 0
+    for args in cases:
+        ours = entry.parse_run(args)
+        if ours is None:
+            continue
+        taken += 1
+        theirs = command.make_context("run", list(args)).params
+        assert ours == theirs, args
+        assert [type(v) for v in ours.values()] == [type(theirs[k]) for k in ours], args
+    assert taken == 4
 
 
 def test_longrope_default_cache_keeps_the_short_factors(converted, tiny_model):
