@@ -15,7 +15,7 @@ import pytest
 from llmtool import LlmInference, LlmInferenceOptions
 from llmtool.errors import LlmToolError
 from llmtool.formats.tflite_model import read_model
-from llmtool.pipelines.export import ExportOptions, export_graph
+from llmtool.pipelines.export import ExportOptions, export_graph, plan_signatures
 from tests.tiny_models import MODEL_TYPES, NEW_FIXTURES, reference_greedy, reference_logits
 
 ALL_FIXTURES = (*MODEL_TYPES, *NEW_FIXTURES)
@@ -337,6 +337,31 @@ def test_export_is_deterministic(converted, tmp_path):
         export_graph(converted("PHI_2", "int4"), path, ExportOptions(max_seq_len=32, prefill_len=8))
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_short_prompts_take_one_short_prefill(converted, tiny_model, tmp_path):
+    """The first bucket carries short prefills 4x apart below the prefill length: a prompt of
+    up to that length is one call padded at most 4x (not a padded long chunk), and exact."""
+    assert [name for name, _, _ in plan_signatures(8192, 64, (256, 512), 8)] == [
+        "prefill_64", "decode", "kv256_prefill_8", "kv256_prefill_32", "kv256_prefill_64",
+        "kv256_decode", "kv512_prefill_64", "kv512_decode",
+    ]  # fmt: skip
+    path = tmp_path / "llama.tflite"
+    options = ExportOptions(max_seq_len=64, prefill_len=32, kv_buckets=(48,), short_prefill_len=2)
+    assert export_graph(converted("LLAMA"), path, options)["signatures"] == [
+        "prefill_32", "decode", "kv48_prefill_2", "kv48_prefill_8", "kv48_prefill_32",
+        "kv48_decode",
+    ]  # fmt: skip
+    llm = engine_for(path)
+    calls: list[str] = []
+    run = llm.engine._run
+    llm.engine._run = lambda key, *rest: calls.append(key) or run(key, *rest)
+    for n, key in ((2, "kv48_prefill_2"), (3, "kv48_prefill_8"), (9, "kv48_prefill_32")):
+        calls.clear()
+        ids = random_ids(n)
+        ours, ref = llm.logits(ids), reference_logits(tiny_model("LLAMA"), ids)
+        assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+        assert calls == [key], (n, calls)
 
 
 def test_signature_choice_follows_the_cache_and_logits_stay_exact(converted, tiny_model, tmp_path):

@@ -40,8 +40,9 @@ class ExportOptions:
     kv_buckets: tuple[int, ...] | None = None  # attended lengths L < S; None: default_buckets
     lora_rank: int = 0  # > 0: LoRA inputs of this rank on the lora_targets projections
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # roles (formats/lora_file.LORA_ROLES)
-    # A short prefill in the first bucket only: a short prompt costs one pass over the
-    # weights instead of a padded long chunk or one decode step per token. 0: none.
+    # Short prefills in the first bucket only, of this length and 4x, 16x... it below the
+    # prefill length (8 and 32 for 64): a short prompt costs one pass over the weights with
+    # at most 4x padding, instead of a padded long chunk or one decode step per token. 0: none.
     short_prefill_len: int = 8
 
     def validate(self) -> None:
@@ -79,8 +80,10 @@ def plan_signatures(
     for i, L in enumerate(sorted(set(buckets))):
         if not 1 <= L < S:
             raise LlmToolError(f"KV bucket {L} must be between 1 and the cache length {S} - 1")
-        if i == 0 and 1 < short < min(T, L):
-            signatures.append((f"kv{L}_prefill_{short}", short, L))
+        length = short if i == 0 else 0
+        while 1 < length < min(T, L):
+            signatures.append((f"kv{L}_prefill_{length}", length, L))
+            length *= 4
         if L >= T:
             signatures.append((f"kv{L}_prefill_{T}", T, L))
         signatures.append((f"kv{L}_decode", 1, L))

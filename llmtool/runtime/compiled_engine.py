@@ -196,7 +196,8 @@ class CompiledEngine(EngineBase):
         self.pos = 0
 
     def _setup(self, model: Any) -> None:
-        """Signatures, shapes and every buffer (LiteRT logs its set-up on the first write)."""
+        """Signatures, shapes, the caches and LoRA inputs (LiteRT logs its set-up on the first
+        write); each signature's own buffers come on its first call."""
         sigs = model.get_signature_list()
         io = {key: (v["inputs"], v["outputs"]) for key, v in sigs.items()}
         self._lengths, self.cache_names = discover_signatures(self.path, io)
@@ -215,17 +216,30 @@ class CompiledEngine(EngineBase):
         self.lora_shapes = lora_inputs(self.path, shapes)
         # One buffer per LoRA input, bound in every signature: a switch writes each once.
         self._lora = hold({n: create_in("decode", n) for n in self.lora_shapes})
-        self._sigs: dict[str, _Signature] = {}
-        for key, length in self._lengths.items():
-            ins = hold({n: create_in(key, n) for n in STEP_INPUTS if n in io[key][0]})
-            logits = [] if key in self._no_logits else ["logits"]
-            outs = hold({n: model.create_output_buffer_by_name(key, n) for n in logits})
-            ins.update(self._caches)  # the same buffers in and out: updated in place
-            ins.update(self._lora)
-            outs.update(self._caches)
-            self._sigs[key] = _Signature(key, length, ins, outs)
+        self._step_inputs = {k: [n for n in STEP_INPUTS if n in io[k][0]] for k in self._lengths}
+        self._sigs: dict[str, _Signature] = {}  # made on first use (see _signature)
         self._clear_garbage()
         self.set_lora_inputs(None)
+
+    def _signature(self, key: str) -> _Signature:
+        """A signature's buffers, created on its first call: a run uses a few of the graph's
+        signatures (the first KV bucket's, for a short conversation), and a buffer costs
+        set-up time and memory (a long prefill's logits are megabytes)."""
+        sig = self._sigs.get(key)
+        if sig is not None:
+            return sig
+        model = self._native.model
+        if model is None:
+            raise LlmToolError("the engine has been closed", self.path)
+        hold = self._native.hold
+        ins = hold({n: model.create_input_buffer_by_name(key, n) for n in self._step_inputs[key]})
+        logits = [] if key in self._no_logits else ["logits"]
+        outs = hold({n: model.create_output_buffer_by_name(key, n) for n in logits})
+        ins.update(self._caches)  # the same buffers in and out: updated in place
+        ins.update(self._lora)
+        outs.update(self._caches)
+        sig = self._sigs[key] = _Signature(key, self._lengths[key], ins, outs)
+        return sig
 
     def _write_lora(self, name: str, value: np.ndarray) -> None:
         self._lora[name].write(value)
@@ -254,7 +268,7 @@ class CompiledEngine(EngineBase):
 
     def _run(self, key: str, tokens: list[int], pos: int, want_logits: bool) -> np.ndarray | None:
         """One call at positions pos.. (tokens padded to the signature's length)."""
-        sig = self._sigs[key]
+        sig = self._signature(key)
         T, S = sig.length, self.max_seq_len
         if pos + T > S:
             raise AssertionError("caller must keep calls inside the cache")

@@ -8,6 +8,7 @@ into a graph: the runtime itself never exports or reads checkpoints.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import json
 import os
@@ -240,11 +241,23 @@ class InferenceSession:
         self._workers: set[threading.Thread] = set()
         self._closed = False
         self.lora_path: Path | None = None  # the adapter in use (None: the base model)
-        metadata, _ = read_metadata(graph_path)  # not read_model: no subgraph parse on a run
-        identity = metadata.get(keys.BASE_IDENTITY)
-        spec = metadata.get(keys.MODEL_SPEC)
-        self.base_identity = identity.decode() if identity else None
-        self.model_type = json.loads(spec).get("model_type") if spec else None
+
+    @functools.cached_property
+    def _graph_metadata(self) -> dict[str, bytes]:
+        """The graph's metadata, read when an adapter is checked (not by a run without one)."""
+        metadata, _ = read_metadata(self.graph_path)
+        return metadata
+
+    @property
+    def base_identity(self) -> str | None:
+        """The identity of the base weights the graph was exported from (LoRA files name it)."""
+        identity = self._graph_metadata.get(keys.BASE_IDENTITY)
+        return identity.decode() if identity else None
+
+    @property
+    def model_type(self) -> str | None:
+        spec = self._graph_metadata.get(keys.MODEL_SPEC)
+        return json.loads(spec).get("model_type") if spec else None
 
     @classmethod
     def from_graph(
