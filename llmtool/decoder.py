@@ -15,6 +15,14 @@ every signature) but attend over cache positions [0, L) only, with a `mask` of [
 runtime uses the smallest bucket that holds its positions. (Names start with neither `decode`
 nor `prefill`, so LiteRT-LM, which picks signatures by those names, ignores them.)
 
+Dynamic-range kernels (XNNPACK's, what LiteRT runs for int8/int4 weights) quantize each row
+of a layer's input to int8 with its own scale and zero point before the product: on a model
+with activation outliers that costs far more than the int8 weights do. With split
+activations, a layer is fed [x; r] (two rows per token) with r = x - q(x), q being exactly
+that per-row quantization: the kernel returns W q(x) and W q(r), whose sum carries about 16
+bits of the input. The weights are read once for both rows, so decode costs the same; prefill
+does twice the arithmetic. `ACTIVATION_MODES` names the choices.
+
 With a LoRA rank R > 0, the adapted projections (roles in `lora_targets`) also take the
 LiteRT-LM LoRA inputs `lora_atten_q_a_prime_weight_<i>` [in, R] / `..._b_prime_weight_<i>`
 [R, out] (formats/lora_file.py) and add (x A') B' to their output: switching adapters writes
@@ -46,6 +54,11 @@ from llmtool.quantization import pack_int4, unpack_int4
 from llmtool.spec import ModelSpec, role_name, role_shape
 
 MASKED = -1e9  # additive mask value of hidden keys (what runtimes feed in `mask`)
+
+# Which quantized layers get split activations (module docstring): "auto" = int8-weight
+# layers (free at decode; XNNPACK's blockwise int4 kernels slow down with two rows),
+# "split" = every quantized layer, "single" = none (LiteRT's default, fastest prefill).
+ACTIVATION_MODES = ("auto", "split", "single")
 
 
 class _Weights:
@@ -108,8 +121,12 @@ def _stacked_nbytes(shape: tuple[int, ...], dtype: str) -> int:
 class _Subgraph:
     """A small SSA-style builder over the generic writer's dataclasses."""
 
-    def __init__(self, weights: _Weights):
+    def __init__(self, weights: _Weights, activations: str = "single"):
         self.w = weights
+        self.split_dtypes = {"auto": ("int8",), "split": ("int8", "int4"), "single": ()}[
+            activations
+        ]
+        self._split: dict[int, int] = {}  # layer input -> its [x; r] (shared by the layers)
         self.tensors: list[Tensor] = []
         self.ops: list[Operator] = []
         self.inputs: dict[str, int] = {}
@@ -280,14 +297,46 @@ class _Subgraph:
         """x @ W.T + b with the named weights stacked along their output rows."""
         w = self.weight(*weights)
         self.fc_inputs.append((tuple(weights), x))
-        inputs = [x, w, self.weight(*biases) if biases else -1]
+        bias = self.weight(*biases) if biases else -1
         out = (*self.shape(x)[:-1], self.shape(w)[0])
         options = {
             "fused_activation_function": "NONE",
             "keep_num_dims": True,
             "asymmetric_quantize_inputs": True,
         }
-        return self.op("FULLY_CONNECTED", inputs, out, options=options)
+        if self.tensors[w].dtype not in self.split_dtypes:
+            return self.op("FULLY_CONNECTED", [x, w, bias], out, options=options)
+        rows = out[0]
+        both = self.op(
+            "FULLY_CONNECTED", [self.split(x), w, -1], (2 * rows, *out[1:]), options=options
+        )
+        rest = [0] * (len(out) - 1)
+        y = self.add(self.slice(both, (0, *rest), out), self.slice(both, (rows, *rest), out))
+        return self.add(y, bias) if bias >= 0 else y
+
+    def split(self, x: int) -> int:
+        """[x; x - q(x)] along the first axis, q(x) being the per-row int8 quantization of
+        XNNPACK's dynamic-range kernels (xnn_f32_qd8_asymmetric_quantization_params): the
+        range [min(0, min x), max(0, max x)] in 255 steps, rounded half to even. The zero
+        point only moves the clamp, which a row's own extremes never reach, so it is left out."""
+        if x not in self._split:
+            shape = self.shape(x)
+            row = (*shape[:-1], 1)
+            axis = self.ints([len(shape) - 1])
+            keep = {"keep_dims": True}
+            zero = self.scalar(0.0)
+            hi = self.op(
+                "MAXIMUM", [self.op("REDUCE_MAX", [x, axis], row, options=keep), zero], row
+            )
+            lo = self.op(
+                "MINIMUM", [self.op("REDUCE_MIN", [x, axis], row, options=keep), zero], row
+            )
+            # an all-zero row: any finite scale (q(x) = 0 = x)
+            span = self.op("MAXIMUM", [self.sub(hi, lo), self.scalar(1e-30)], row)
+            scale = self.binary("DIV", self.scalar(255.0), span)
+            q = self.binary("DIV", self.op("ROUND", [self.mul(x, scale)], shape), scale)
+            self._split[x] = self.concat([x, self.sub(x, q)], axis=0)
+        return self._split[x]
 
     def split_last(self, x: int, sizes: list[int]) -> list[int]:
         """SLICE x into consecutive parts along its last axis."""
@@ -730,15 +779,16 @@ def build_graph(
     progress: Callable[[int, int, str], None],
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = (),
+    activations: str = "auto",
 ) -> None:
     """Add one subgraph + signature per (name, tokens per call, attended cache length) to
     `writer`; weight buffers are shared by all of them. lora_rank > 0 adds LoRA inputs to the
-    `lora_targets` roles."""
+    `lora_targets` roles; `activations` is one of ACTIVATION_MODES."""
     weights = _Weights(container, writer)
     decoder = _Decoder(spec, seq_len, lora_rank, lora_targets)
     for i, (key, length, kv_len) in enumerate(signatures):
         progress(i, len(signatures) + 1, f"building {key}")
-        g = _Subgraph(weights)
+        g = _Subgraph(weights, activations)
         decoder.build(g, length, kv_len)
         index = writer.add_subgraph(
             Subgraph(

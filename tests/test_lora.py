@@ -227,7 +227,7 @@ def test_adapter_for_a_smoothed_base(adapters, tmp_path):
     a = adapters("LLAMA")
     base = tmp_path / "smoothed.bin"
     bits = dict(attention_bits=32, feedforward_bits=32, embedding_bits=32)
-    assert quantize_model(a.container, base, QuantizeOptions(**bits))["smoothing"]
+    assert quantize_model(a.container, base, QuantizeOptions(**bits, smooth=True))["smoothing"]
     lora = tmp_path / "all.lora.bin"
     lora_convert(a.folder_all, base, lora)
     options = LlmInferenceOptions(model_path=str(base), lora_path=str(lora), max_tokens=64)

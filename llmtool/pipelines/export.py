@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtool.config import check_types
-from llmtool.decoder import build_graph
+from llmtool.decoder import ACTIVATION_MODES, build_graph
 from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap
 from llmtool.formats import metadata as keys
@@ -44,6 +44,9 @@ class ExportOptions:
     # prefill length (8 and 32 for 64): a short prompt costs one pass over the weights with
     # at most 4x padding, instead of a padded long chunk or one decode step per token. 0: none.
     short_prefill_len: int = 8
+    # Layers fed [x; x - q(x)] so that XNNPACK's per-row int8 input quantization loses ~8
+    # bits less (decoder.py): "auto" (int8-weight layers), "split" (all quantized), "single".
+    activations: str = "auto"
 
     def validate(self) -> None:
         """Types (from the annotations) and the ranges that do not depend on the model; the
@@ -55,6 +58,10 @@ class ExportOptions:
         if unknown or not self.lora_targets:
             raise LlmToolError(
                 f"unknown LoRA targets {unknown} (use some of {', '.join(LORA_ROLES)})"
+            )
+        if self.activations not in ACTIVATION_MODES:
+            raise LlmToolError(
+                f"unknown activations {self.activations!r} (use {', '.join(ACTIVATION_MODES)})"
             )
         if self.short_prefill_len < 0:
             raise LlmToolError(
@@ -123,7 +130,7 @@ def export_graph(
         signatures = plan_signatures(S, T, buckets, options.short_prefill_len)
         rank, targets = options.lora_rank, _lora_targets(spec, options)
         writer = ModelWriter(description=f"llmtool {spec.model_type} prefill/decode")
-        build_graph(c, spec, writer, signatures, S, report, rank, targets)
+        build_graph(c, spec, writer, signatures, S, report, rank, targets, options.activations)
         for name, data in sorted(c.metadata.items()):
             writer.add_metadata(name, data)
         writer.add_metadata(keys.BASE_IDENTITY, base_identity(c).encode())
@@ -132,6 +139,7 @@ def export_graph(
             "max_seq_len": S,
             "kv_buckets": sorted({L for _, _, L in signatures if L < S}),
             "signatures": [k for k, _, _ in signatures],
+            "activations": options.activations,
         }
         if rank:
             graph_info |= {"lora_rank": rank, "lora_targets": list(targets)}
