@@ -634,8 +634,9 @@ def quantize(
     calibration_data: Annotated[
         Path | None,
         typer.Option(
-            help="full-int8/int16x8: text, one sample per line (or .npz arrays); dynamic-int8: "
-            "text for smoothing's activation ranges (default: random token sequences)."
+            help="full-int8/int16x8: text, one sample per line (or .npz arrays); int4 and "
+            "dynamic-int8 --smooth: text to measure activations on (default: random token "
+            "sequences)."
         ),
     ] = None,
     smooth: Annotated[
@@ -649,6 +650,13 @@ def quantize(
     smooth_alpha: Annotated[
         float, typer.Option(help="Smoothing strength, 0-1: how much range moves to weights.")
     ] = 0.5,
+    activation_weighted: Annotated[
+        bool,
+        typer.Option(
+            help="int4 blocks of a float model: pick each block's scale for the least error "
+            "weighted by the float model's activations; off: Q4_0-style absmax scales."
+        ),
+    ] = True,
     attention_bits: Annotated[
         int | None, typer.Option(help="Containers: bits of attention weights (32/16/8/4).")
     ] = None,
@@ -677,6 +685,7 @@ def quantize(
         float_source=str(float_source) if float_source else None,
         smooth=smooth,
         smooth_alpha=smooth_alpha,
+        activation_weighted=activation_weighted,
     )
     with ProgressBar("quantizing", enabled=not json_out) as bar:
         summary = quantize_model(input_file, output_file, options, bar)

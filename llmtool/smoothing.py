@@ -196,8 +196,12 @@ def read_folds(metadata: dict[str, bytes]) -> list[tuple[Fold, np.ndarray]]:
 
 
 def lora_fold(
-    folds: list[tuple[Fold, np.ndarray]], spec: ModelSpec, role: str, layer: int,
-    a_prime: np.ndarray, b_prime: np.ndarray,
+    folds: list[tuple[Fold, np.ndarray]],
+    spec: ModelSpec,
+    role: str,
+    layer: int,
+    a_prime: np.ndarray,
+    b_prime: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A LoRA pair (A' [in, R], B' [R, out]) of `role` for the smoothed base: inputs that
     the base sees divided by s get A' rows * s; outputs divided by t get B' columns / t."""
@@ -264,6 +268,14 @@ def activation_maxima(
     """Largest |input| per column of every fully-connected layer over `sequences`, run
     through the container's own float graph (one prefill signature, XNNPACK), keyed by the
     FC's first weight name."""
+    return {names[0]: hi for names, (hi, _) in activation_statistics(c, spec, sequences, work_dir)}
+
+
+def activation_statistics(
+    c: Container, spec: ModelSpec, sequences: list[list[int]], work_dir: Path
+) -> list[tuple[tuple[str, ...], tuple[np.ndarray, np.ndarray]]]:
+    """(weight names, (largest |input|, mean input^2) per column) of every fully-connected
+    layer's input over `sequences`, run through the container's own float graph."""
     from ai_edge_litert.interpreter import Interpreter
 
     from llmtool.decoder import MASKED, _Decoder, _Subgraph, _Weights
@@ -274,16 +286,18 @@ def activation_maxima(
     writer = ModelWriter("llmtool activation probe")
     g = _Subgraph(_Weights(c, writer))
     _Decoder(spec, T).build(g, T, T)
-    probes: dict[str, int] = {}
+    probes: dict[tuple[str, ...], int] = {}
     for names, x in g.fc_inputs:
-        probes.setdefault(names[0], x)
+        probes.setdefault(names, x)
     outputs = {f"act{i}": x for i, x in enumerate(probes.values())}
     g.outputs = {**outputs, "logits": g.outputs["logits"]}
     index = writer.add_subgraph(
         Subgraph("probe", g.tensors, list(g.inputs.values()), list(g.outputs.values()), g.ops)
     )
     writer.add_signature(Signature("probe", index, dict(g.inputs), dict(g.outputs)))
-    maxima: dict[str, np.ndarray] = {}
+    maxima: dict[tuple[str, ...], np.ndarray] = {}
+    squares: dict[tuple[str, ...], np.ndarray] = {}
+    rows = 0
     with tempfile.TemporaryDirectory(dir=work_dir, prefix=".llmtool-probe-") as tmp:
         path = Path(tmp) / "probe.tflite"
         writer.write(path)
@@ -304,11 +318,14 @@ def activation_maxima(
             tokens = np.zeros((1, T), np.int32)
             tokens[0, :n] = seq
             result = run(tokens=tokens, **feed)
+            rows += n
             for (name, _), key in zip(probes.items(), outputs, strict=True):
-                x = np.asarray(result[key], np.float32)
-                x = np.abs(x.reshape(T, -1)[:n]).max(axis=0)
-                maxima[name] = np.maximum(maxima[name], x) if name in maxima else x
-    return maxima
+                x = np.asarray(result[key], np.float32).reshape(T, -1)[:n]
+                hi = np.abs(x).max(axis=0)
+                sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+                maxima[name] = np.maximum(maxima[name], hi) if name in maxima else hi
+                squares[name] = squares[name] + sq if name in squares else sq
+    return [(k, (maxima[k], (squares[k] / max(rows, 1)).astype(np.float32))) for k in probes]
 
 
 def expected_shape(spec: ModelSpec, fold: Fold) -> tuple[int, ...]:

@@ -114,15 +114,23 @@ def test_default_model_quality(tmp_path):
     """The trained default model: the shipped int8 file dequantized is the float reference
     (its float checkpoint is not shipped), so int8 here measures activation quantization."""
     ref = _float_copy(default_model_path(), tmp_path / "f32.bin")
-    # int4 (blocks of 32, Q4_0's absmax scales) measures KL 0.0008, top-1 97% here: a bound
-    # that one scale per row (0.0015) would not meet
-    bounds = {"dynamic-int8": (0.005, 0.98), "int4": (0.001, 0.96)}
+    # int4 blocks of 32 with activation-weighted scales; Q4_0's absmax scales measure KL
+    # 0.0008 here (top-1 97%), one scale per row 0.0015
+    bounds = {"dynamic-int8": (0.005, 0.98), "int4": (0.00075, 0.96)}
+    kl = {}
     for mode, (max_kl, min_top1) in bounds.items():
         out = tmp_path / f"{mode}.bin"
-        quantize_model(ref, out, QuantizeOptions(mode=mode))
+        summary = quantize_model(ref, out, QuantizeOptions(mode=mode))
+        assert (summary["int4_scales"] is not None) is (mode == "int4")
         r = evaluate(str(out), EXCERPT, window=256, reference=str(ref))["reference"]
         assert r["mean_kl"] <= max_kl, (mode, r)
         assert r["top1_agreement"] >= min_top1, (mode, r)
+        kl[mode] = r["mean_kl"]
+    # the activation weighting is what the bound needs: absmax blocks score higher
+    absmax = tmp_path / "absmax.bin"
+    quantize_model(ref, absmax, QuantizeOptions(mode="int4", activation_weighted=False))
+    r = evaluate(str(absmax), EXCERPT, window=256, reference=str(ref))["reference"]
+    assert r["mean_kl"] > kl["int4"], (r["mean_kl"], kl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +220,16 @@ def test_bad_input(converted, tmp_path):
         (src, QuantizeOptions(mode="dynamic-int8", block_size=32), "--mode int4 only"),
         (src, QuantizeOptions(mode="int4", block_size=128), "does not divide the row length 64"),
         (tmp_path / "missing.bin", QuantizeOptions(), "not found"),
+        (src, QuantizeOptions(calibration_data=str(not_model)), "add --smooth"),
+        (
+            src,
+            QuantizeOptions(
+                mode="int4", calibration_data=str(not_model), activation_weighted=False
+            ),
+            "drop --no-activation-weighted",
+        ),
+        (src, QuantizeOptions(mode="float16", calibration_data=str(not_model)), "not float16"),
+        (src, QuantizeOptions(mode="int4", calibration_data=str(tmp_path / "x")), "not found"),
     ]
     for path, options, needle in cases:
         with pytest.raises(LlmToolError, match=needle):

@@ -207,16 +207,17 @@ def _convert_base(config: ConversionConfig, progress: Progress) -> dict[str, Any
 
 
 def encode_tensor(
-    w: np.ndarray, entry: TensorPlan, symmetric: bool = True
+    w: np.ndarray, entry: TensorPlan, symmetric: bool = True, importance: np.ndarray | None = None
 ) -> np.ndarray | QuantizedTensor:
-    """A float32 tensor in its planned storage dtype (and block size)."""
+    """A float32 tensor in its planned storage dtype (and block size); `importance` (int4
+    blocks): per-column weights of the scale search (quantization.quantize_blockwise)."""
     if entry.dtype == "float32":
         return np.ascontiguousarray(w, dtype=np.float32)
     if entry.dtype == "float16":
         return w.astype(np.float16)
     bits = 8 if entry.dtype == "int8" else 4
     if entry.block_size:
-        return quantize(w, bits=bits, block_size=entry.block_size)
+        return quantize(w, bits=bits, block_size=entry.block_size, importance=importance)
     return quantize(w, bits=bits, symmetric=symmetric, axis=0)
 
 

@@ -73,6 +73,10 @@ class QuantizeOptions:
     # activations="single") but adds weight error, which is what remains with split ones.
     smooth: bool = False
     smooth_alpha: float = 0.5
+    # int4 blocks of a float LLM container: each block's scale chosen for the least error
+    # weighted by its columns' mean activation^2 in the float model (on --calibration-data,
+    # or data-free token sequences); False: Q4_0-style absmax scales
+    activation_weighted: bool = True
 
 
 def _no_progress(done: int, total: int, what: str) -> None:
@@ -138,12 +142,16 @@ def _check_options(o: QuantizeOptions) -> None:
             )
         if not Path(o.calibration_data).is_file():
             raise LlmToolError("calibration data not found", o.calibration_data)
-    elif o.calibration_data and o.mode != "dynamic-int8":
+    elif o.calibration_data and o.mode not in ("dynamic-int8", "int4"):
         raise LlmToolError(
-            f"--calibration-data is for full-int8 / int16x8 and dynamic-int8, not {o.mode}"
+            f"--calibration-data is for full-int8 / int16x8, dynamic-int8 and int4, not {o.mode}"
         )
-    elif o.calibration_data and not o.smooth:
+    elif o.calibration_data and o.mode == "dynamic-int8" and not o.smooth:
         raise LlmToolError("--calibration-data for dynamic-int8 is smoothing's: add --smooth")
+    elif o.calibration_data and o.mode == "int4" and not o.activation_weighted:
+        raise LlmToolError(
+            "--calibration-data for int4 weighs its block scales: drop --no-activation-weighted"
+        )
     elif o.calibration_data and not Path(o.calibration_data).is_file():
         raise LlmToolError("calibration data not found", o.calibration_data)
     if not 0.0 <= o.smooth_alpha <= 1.0:
@@ -229,6 +237,8 @@ def _quantize_container(
         smoothed = set() if smoother is None else {e.name for e in plan if e.name in smoother}
         copied = [n for n in copied if n not in smoothed]  # float norms that smoothing rescales
 
+        importance, importance_info = _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
+
         def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
             done = len(done_names)
             progress(done, len(plan), entry.name)
@@ -239,7 +249,7 @@ def _quantize_container(
             value = source_of(entry.name).float(entry.name)
             if smoother is not None:
                 value = smoother.apply(entry.name, value)
-            return encode_tensor(value, entry)
+            return encode_tensor(value, entry, importance=importance.get(entry.name))
 
         done_names: list[str] = []
         metadata = dict(c.metadata)
@@ -254,6 +264,9 @@ def _quantize_container(
         if smoother is not None:
             conversion["smoothing"] = smoother.info
             metadata[smoothing.METADATA_KEY] = smoother.metadata()
+        conversion.pop("int4_scales", None)
+        if importance:
+            conversion["int4_scales"] = importance_info
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
         ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
         progress(len(plan), len(plan), "done")
@@ -266,6 +279,7 @@ def _quantize_container(
         "quantized": len(requantized),
         "from_float_source": len(from_source),
         "smoothing": smoother.info if smoother is not None else None,
+        "int4_scales": importance_info if importance else None,
     }
 
 
@@ -296,18 +310,54 @@ def _smoother(
     if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
         return None  # too large to run in float here: plain per-channel int8
     progress(0, len(plan), "measuring activations")
-    if o.calibration_data:
-        sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data))
-        source = f"calibration text ({len(sequences)} lines)"
-    else:
-        sequences = smoothing.sample_sequences(spec.vocab_size, spec.bos_token_id)
-        source = f"{len(sequences)} random token sequences (data-free)"
+    sequences, source = _samples(probe, spec, o)
     maxima = smoothing.activation_maxima(probe, spec, sequences, out.parent)
-    scales = smoothing.fold_scales(
-        spec, lambda n: source_of(n).float(n), maxima, o.smooth_alpha
-    )
+    scales = smoothing.fold_scales(spec, lambda n: source_of(n).float(n), maxima, o.smooth_alpha)
     info = {"alpha": o.smooth_alpha, "samples": source, "fold_count": len(scales)}
     return smoothing.Smoother(spec, scales, info)
+
+
+def _samples(probe: Container, spec: ModelSpec, o: QuantizeOptions) -> tuple[list[list[int]], str]:
+    """Token sequences to measure activations on, and how to name them in the summary."""
+    if o.calibration_data:
+        sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data))
+        return sequences, f"calibration text ({len(sequences)} lines)"
+    sequences = smoothing.sample_sequences(spec.vocab_size, spec.bos_token_id)
+    return sequences, f"{len(sequences)} random token sequences (data-free)"
+
+
+def _int4_importance(
+    c: Container,
+    fsrc: Container | None,
+    o: QuantizeOptions,
+    src: Path,
+    out: Path,
+    plan: list[TensorPlan],
+    copied: list[str],
+    progress: Progress,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Per-column weights of the int4 block scale search (quantization.quantize_blockwise):
+    mean activation^2 of the column in the float model over the mean, plus 1 (so no column
+    counts for nothing), for each blockwise int4 weight quantized here from float. Empty
+    when it does not apply (absmax scales then): --no-activation-weighted, no such weight,
+    not a converted LLM, or a model too large to run in float here."""
+    targets = {e.name for e in plan if e.dtype == "int4" and e.block_size} - set(copied)
+    if not (o.activation_weighted and targets) or keys.MODEL_SPEC not in c.metadata:
+        return {}, {}
+    probe = fsrc if fsrc is not None else c
+    if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
+        return {}, {}
+    spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
+    progress(0, len(plan), "measuring activations")
+    sequences, source = _samples(probe, spec, o)
+    weights: dict[str, np.ndarray] = {}
+    for names, (_, mean_square) in smoothing.activation_statistics(
+        probe, spec, sequences, out.parent
+    ):
+        level = float(mean_square.mean())
+        w = (mean_square / level if level > 0 else np.zeros_like(mean_square)) + np.float32(1)
+        weights.update({n: w.astype(np.float32) for n in names if n in targets})
+    return weights, {"samples": source, "weighted": len(weights)}
 
 
 @contextmanager
