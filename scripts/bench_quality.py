@@ -50,6 +50,7 @@ VARIANTS: dict[str, QuantizeOptions | None] = {
     "dynamic-int8 smoothed one-pass": QuantizeOptions(mode="dynamic-int8", smooth=True),
     "int4 per-channel": QuantizeOptions(mode="int4", block_size=0),
     "int4 block 32": QuantizeOptions(mode="int4"),  # the default: 32 where it divides a row
+    "int4 block 32 absmax": QuantizeOptions(mode="int4", activation_weighted=False),
     "int4 block 128": QuantizeOptions(mode="int4", block_size=128),
     "full-int8": QuantizeOptions(mode="full-int8"),
     "int16x8": QuantizeOptions(mode="int16x8"),
