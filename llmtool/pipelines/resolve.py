@@ -40,7 +40,7 @@ DEFAULT_MAX_SEQ_LEN = 8192
 
 # Part of the graph cache key: bump it when the exporter writes different graphs for the same
 # container, so a cached graph from another exporter is exported again instead of being served.
-GRAPH_REVISION = 4
+GRAPH_REVISION = 5
 
 
 def cache_root() -> Path:
