@@ -17,6 +17,7 @@ more, after all data is written, with the final values.
 from __future__ import annotations
 
 import io
+import mmap
 import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -722,6 +723,14 @@ class ModelFile:
         if arr.size == int(np.prod(shape, dtype=np.int64)):
             return arr.reshape(shape)
         return arr
+
+    def release_pages(self) -> None:
+        """Unmap the pages of the file read so far from this process (they stay in the page
+        cache and come back on the next read): after copying a large model's buffers they
+        would otherwise count in its resident memory."""
+        mapping = getattr(self._data, "_mmap", None)  # np.memmap's mmap.mmap
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._data = None

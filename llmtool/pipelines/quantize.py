@@ -10,7 +10,9 @@ Modes (the autocomplete codelab's three, plus int4 and int16 activations):
   on --calibration-data. For LLM graphs (a `decode` signature with KV caches) only the
   fully-connected layers get integer activations: quantizing the attention's additive mask
   (-1e9) and the KV caches to int8/int16 ruins every prediction (mean KL 3.7 on the default
-  model, docs/BENCHMARKS.md). Writes a graph (.tflite), also from a container.
+  model, docs/BENCHMARKS.md). Writes a graph (.tflite), also from a container. LLM graphs
+  are calibrated here (`_decoder_ranges`: one prefill signature, running min/max), not by
+  litert-quantizer's calibrator, which holds every tensor of every signature in memory.
 
 Containers are quantized here, tensor by tensor (quantization.py). Graphs, whoever wrote them,
 go through Google's `litert-quantizer`, which handles every builtin op LiteRT quantizes.
@@ -40,7 +42,7 @@ from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap, write_bytes
 from llmtool.formats import metadata as keys
 from llmtool.formats.container import Container, ContainerWriter, TensorPlan
-from llmtool.formats.tflite_model import ModelFile, ModelWriter, read_model
+from llmtool.formats.tflite_model import ModelFile, ModelWriter, Signature, Subgraph, read_model
 from llmtool.pipelines.convert import encode_tensor, storage_plan
 from llmtool.pipelines.quiet import quiet
 from llmtool.quantization import QuantizedTensor
@@ -518,6 +520,8 @@ def _recipe(
             activation_num_bits=bits,
             weight_num_bits=8,
         )
+        if decoder:  # the embedding table int8 too: a tied output layer then shares its bytes
+            rm.add_dynamic_config(regex=".*", operation_name=ops.EMBEDDING_LOOKUP, num_bits=8)
     recipe = list(rm.get_quantization_recipe())
     if o.mode in STATIC_MODES:  # keep the graph's inputs and outputs float
         for op in ("INPUT", "OUTPUT"):
@@ -583,6 +587,7 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".llmtool-quantize-") as tmp:
             work = Path(tmp) / "unique.tflite"
             source = work if _unique_names_copy(m, work) else src
+            m.release_pages()
             progress(0, 3, "planning")
             per_row: list[str] = []
             if o.mode == "int4" and o.block_size != 0:
@@ -590,19 +595,12 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
                 per_row = _per_row_fc_outputs(m, block, o.block_size is not None, src)
             output_layer = _output_layer_outputs(m) if decoder else []
             recipe = _recipe(o, decoder, per_row, output_layer)
-            from litert_quantizer import quantizer
-
             calibration = None
-            with quiet():
-                q = quantizer.Quantizer(str(source), recipe)
             if o.mode in STATIC_MODES:
                 progress(1, 3, "calibrating")
-                samples = _calibration_samples(source, m, o, decoder)
-                try:
-                    with quiet():
-                        calibration = q.calibrate(samples, num_threads=1)
-                except (ValueError, RuntimeError) as exc:
-                    raise LlmToolError(f"calibration failed ({exc})", o.calibration_data) from None
+                calibration = _calibrate(source, m, o, decoder, Path(tmp), recipe)
+            with quiet():
+                q = _quantizer(source, recipe)
             progress(2, 3, "quantizing")
             try:
                 with quiet():
@@ -614,28 +612,232 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
     return {"kind": "graph", "signatures": signatures, "decoder_graph": decoder}
 
 
-# -- calibration data ---------------------------------------------------------------------------
+def _quantizer(source: Path, recipe: list[dict[str, Any]]) -> Any:
+    """litert-quantizer's Quantizer, without its check that every tensor of the calibration
+    result has ranges: the check builds an XNNPACK interpreter of the whole float graph
+    (a packed copy of the weights per signature: 23 GB for the ~457M model's 1.8 GB graph
+    of 13 signatures) to list tensor names. Our results cover what they must by
+    construction: every signature's inputs (.npz) or every fully-connected operand (text)."""
+    from litert_quantizer import quantizer
+
+    class Quantizer(quantizer.Quantizer):
+        def _ensure_model_qsv_sufficient(self, calibration_result: Any) -> None:
+            pass
+
+    return Quantizer(str(source), recipe)
 
 
-def _calibration_samples(
-    path: Path, m: ModelFile, o: QuantizeOptions, decoder: bool
-) -> dict[str, list[dict[str, np.ndarray]]]:
+# -- calibration ---------------------------------------------------------------------------------
+
+# Tokens measured per calibration line: prefill calls chained through the KV cache, so later
+# positions are measured too (at most the probe signature's attended length).
+CALIBRATION_TOKENS = 256
+# Ops that run other subgraphs: a probe of one subgraph alone would lose them.
+_CALLS_SUBGRAPHS = ("CALL_ONCE", "WHILE", "IF", "CALL")
+
+QSVs = dict[str, dict[str, np.ndarray]]  # tensor name -> {"min": ..., "max": ...}
+
+
+def _calibrate(
+    source: Path, m: ModelFile, o: QuantizeOptions, decoder: bool, tmp: Path, recipe: list
+) -> QSVs:
+    """Activation ranges for litert-quantizer (its calibration result: tensor name -> min/max).
+
+    LLM graphs with text: measured here (`_decoder_ranges`), one prefill signature run by
+    LiteRT; other graphs with .npz arrays: litert-quantizer's own calibration, which keeps a
+    copy of every tensor of every signature (fine for small graphs, 21 GB for a 1.8 GB LLM
+    graph of 13 signatures)."""
     data = Path(o.calibration_data)  # type: ignore[arg-type]
-    if data.suffix == ".npz":
-        return _npz_samples(data, m, o.calibration_samples)
-    if not decoder:
-        raise LlmToolError(
-            "text calibration data needs an LLM graph; for this graph give a .npz file with "
-            "one array per input name (samples along the first axis)",
-            data,
-        )
+    try:
+        if data.suffix != ".npz":
+            if not decoder:
+                raise LlmToolError(
+                    "text calibration data needs an LLM graph; for this graph give a .npz file "
+                    "with one array per input name (samples along the first axis)",
+                    data,
+                )
+            lines = _calibration_lines(data, o.calibration_samples)
+            return _decoder_ranges(m, lines, STATIC_MODES[o.mode], tmp, data)
+        samples = _npz_samples(data, m, o.calibration_samples)
+        with quiet():
+            return _quantizer(source, recipe).calibrate(samples, num_threads=1)
+    except (ValueError, RuntimeError) as exc:
+        raise LlmToolError(f"calibration failed ({exc})", data) from None
+
+
+def _calibration_lines(data: Path, limit: int) -> list[str]:
     try:
         lines = [x for x in data.read_text(encoding="utf-8").splitlines() if x.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise LlmToolError(f"cannot read calibration text ({exc})", data) from None
     if not lines:
         raise LlmToolError("calibration data has no non-empty line", data)
-    return _decoder_samples(path, m, lines[: o.calibration_samples])
+    return lines[:limit]
+
+
+def _is_constant(m: ModelFile, t: Any) -> bool:
+    return bool(t.buffer) and m.buffers[t.buffer].size > 0
+
+
+def _fc_activations(m: ModelFile) -> list[list[tuple[tuple, int]]]:
+    """Per subgraph, the non-constant operands of its fully-connected ops, each as (key,
+    tensor index). The key names the same operand in every signature: the op's weight buffer
+    (signatures share their weights), which use of that buffer it is, and the operand slot."""
+    out = []
+    for sg in m.subgraphs:
+        uses: dict[int, int] = {}
+        items: list[tuple[tuple, int]] = []
+        for op in sg.operators:
+            if op.op != "FULLY_CONNECTED":
+                continue
+            w = op.inputs[1] if len(op.inputs) > 1 else -1
+            weights = sg.tensors[w].buffer if w >= 0 and _is_constant(m, sg.tensors[w]) else -1
+            use = uses.get(weights, 0)
+            uses[weights] = use + 1
+            for slot, i in enumerate(op.inputs):
+                if i >= 0 and not _is_constant(m, sg.tensors[i]):
+                    items.append(((weights, use, "in", slot), i))
+            for slot, i in enumerate(op.outputs):
+                items.append(((weights, use, "out", slot), i))
+        out.append(items)
+    return out
+
+
+def _probe_signature(m: ModelFile) -> Signature:
+    """The prefill signature that attends the most positions (then takes the most tokens)."""
+
+    def size(s: Signature, name: str, axis: int) -> int:
+        if name not in s.inputs:
+            return 0
+        return m.subgraphs[s.subgraph_index].tensors[s.inputs[name]].shape[axis]
+
+    prefills = [s for s in m.signatures if "prefill" in s.key and "tokens" in s.inputs]
+    if not prefills:
+        raise LlmToolError("the LLM graph has no prefill signature to calibrate with", m.path)
+    return max(prefills, key=lambda s: (size(s, "mask", -1), size(s, "tokens", -1)))
+
+
+def _write_probe(m: ModelFile, sig: Signature, tensors: list[int], path: Path) -> dict[int, str]:
+    """`sig`'s subgraph alone (one packed copy of the weights in XNNPACK, not one per
+    signature) with `tensors` added as outputs; returns tensor index -> output name."""
+    sg = m.subgraphs[sig.subgraph_index]
+    writer = ModelWriter("llmtool calibration probe")
+    for i in range(1, len(m.buffers)):
+        writer.add_buffer(m.buffer_data(i))
+    names = {i: f"llmtool_probe_{n}" for n, i in enumerate(dict.fromkeys(tensors))}
+    outputs = [*sg.outputs, *(i for i in names if i not in sg.outputs)]
+    writer.add_subgraph(Subgraph(sg.name, sg.tensors, sg.inputs, outputs, sg.operators))
+    probes = {name: i for i, name in names.items()}
+    writer.add_signature(Signature(sig.key, 0, dict(sig.inputs), {**sig.outputs, **probes}))
+    writer.write(path)
+    return names
+
+
+def _decoder_ranges(m: ModelFile, lines: list[str], bits: int, tmp: Path, data: Path) -> QSVs:
+    """Min/max of every fully-connected input and output, measured on the calibration lines
+    by LiteRT running one prefill signature of the float graph, streamed: two numbers per
+    tensor are kept, never the activations. Each line's tokens (BOS first, up to
+    CALIBRATION_TOKENS, prefill calls chained through the KV cache) are one sample, padding
+    rows left out; samples are merged by `_merge`. A decode step computes what prefill
+    computes at that position, and a KV-bucket signature what the full-cache one does, so
+    every signature's operands take the ranges of the same operand here: one set of scales,
+    and each int8 weight stored once."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from llmtool.runtime.engine import MASK_VALUE
+    from llmtool.tokenizer import Tokenizer
+
+    files = keys.unpack_tokenizer(m.metadata)
+    if not files:
+        raise LlmToolError("the graph carries no tokenizer to read text calibration data", m.path)
+    tok = Tokenizer.from_files(files)
+    sig = _probe_signature(m)
+    sg = m.subgraphs[sig.subgraph_index]
+    wanted = _fc_activations(m)
+    probed = dict(wanted[sig.subgraph_index])
+    for s in m.signatures:
+        if any(key not in probed for key, _ in wanted[s.subgraph_index]):
+            raise LlmToolError(
+                f"signature {s.key!r} has fully-connected layers that {sig.key!r} does not "
+                "run: cannot calibrate it from text (give .npz arrays for every signature)",
+                m.path,
+            )
+    if any(op.op in _CALLS_SUBGRAPHS for op in sg.operators):
+        raise LlmToolError(
+            f"signature {sig.key!r} calls other subgraphs: cannot calibrate it from text "
+            "(give .npz arrays for every signature)",
+            m.path,
+        )
+    path = tmp / "probe.tflite"
+    names = _write_probe(m, sig, list(probed.values()), path)
+    m.release_pages()
+    shape = {k: sg.tensors[i].shape for k, i in sig.inputs.items()}
+    T = shape["tokens"][-1]
+    L = shape["mask"][-1] if "mask" in shape else T
+    budget = min(CALIBRATION_TOKENS, max(T, L // T * T))
+    with quiet():
+        interp = Interpreter(model_path=str(path), num_threads=min(4, os.cpu_count() or 1))
+    run = interp.get_signature_runner(sig.key)
+    zeros = {k: np.zeros(v["shape"], v["dtype"]) for k, v in run.get_input_details().items()}
+    ranges: dict[int, tuple[float, float]] = {}
+    for line in lines:
+        ids = tok.encode(line)[:budget]
+        feed = dict(zeros)
+        sample: dict[int, tuple[float, float]] = {}
+        for start in range(0, len(ids), T):
+            chunk = ids[start : start + T]
+            n = len(chunk)
+            feed["tokens"] = np.zeros(shape["tokens"], np.int32)
+            feed["tokens"].reshape(-1)[:n] = chunk
+            pos = np.arange(start, start + T, dtype=np.int32)
+            if "input_pos" in feed:
+                feed["input_pos"] = pos.reshape(shape["input_pos"])
+            if "mask" in feed:
+                mask = np.where(np.arange(L)[None, :] > pos[:, None], MASK_VALUE, np.float32(0))
+                feed["mask"] = mask.reshape(shape["mask"]).astype(np.float32)
+            result = run(**feed)
+            for k in feed:  # the updated KV caches come back under the input names
+                if k.startswith("kv_cache_") and k in result:
+                    feed[k] = result[k]
+            for i, name in names.items():
+                x = np.asarray(result[name], np.float32)
+                if x.ndim >= 2 and int(np.prod(x.shape[:-1])) == T:
+                    x = x.reshape(T, -1)[:n]  # the padding rows are not text
+                lo, hi = float(x.min()), float(x.max())
+                if i in sample:
+                    lo, hi = min(lo, sample[i][0]), max(hi, sample[i][1])
+                sample[i] = (lo, hi)
+        for i, r in sample.items():
+            ranges[i] = _merge(ranges.get(i), r, bits)
+    del run, interp
+    if not ranges:
+        raise LlmToolError("calibration text tokenizes to nothing", data)
+    qsvs: QSVs = {}
+    for si, items in enumerate(wanted):
+        for key, i in items:
+            t = m.subgraphs[si].tensors[i]
+            lo, hi = ranges[probed[key]]
+            one = (1,) * len(t.shape)
+            qsvs[t.name] = {
+                "min": np.full(one, lo, np.float32),
+                "max": np.full(one, hi, np.float32),
+            }
+    return qsvs
+
+
+def _merge(
+    old: tuple[float, float] | None, new: tuple[float, float], bits: int
+) -> tuple[float, float]:
+    """One more sample's range merged into the running one. int8: litert-quantizer's own rule
+    (a moving average of the per-sample extremes, 0.95 old / 0.05 new), which clips the rare
+    extremes and so keeps a finer grid; int16: the true min/max, since 65536 steps leave room
+    for every outlier. Measured on the default model (docs/BENCHMARKS.md): int8 mean KL
+    0.00146 averaged vs 0.00166 min/max; int16 0.00007 vs 0.00000."""
+    if old is None:
+        return new
+    if bits > 8:
+        return min(old[0], new[0]), max(old[1], new[1])
+    return 0.95 * old[0] + 0.05 * new[0], 0.95 * old[1] + 0.05 * new[1]
 
 
 def _npz_samples(data: Path, m: ModelFile, limit: int) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -667,63 +869,4 @@ def _npz_samples(data: Path, m: ModelFile, limit: int) -> dict[str, list[dict[st
                 sample[k] = value.astype(np.float32 if t.dtype == "float32" else t.dtype)
             samples.append(sample)
         out[s.key] = samples
-    return out
-
-
-def _decoder_samples(
-    path: Path, m: ModelFile, lines: list[str]
-) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Prefill samples (each line's first T tokens) and decode samples (the next token with
-    the caches that prefill left), run on the float graph itself."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from llmtool.runtime.engine import MASK_VALUE
-    from llmtool.tokenizer import Tokenizer
-
-    files = keys.unpack_tokenizer(m.metadata)
-    if not files:
-        raise LlmToolError("the graph carries no tokenizer to read text calibration data", path)
-    tok = Tokenizer.from_files(files)
-    prefill = next(s for s in m.signatures if s.key.startswith("prefill"))
-    decode = next(s for s in m.signatures if s.key == "decode")
-    sg = m.subgraphs[prefill.subgraph_index]
-    T = sg.tensors[prefill.inputs["tokens"]].shape[1]
-    S = sg.tensors[prefill.inputs["mask"]].shape[-1]
-    with quiet():
-        interp = Interpreter(model_path=str(path), num_threads=1)
-    run_prefill = interp.get_signature_runner(prefill.key)
-    caches = {
-        k: np.zeros(sg.tensors[i].shape, np.float32)
-        for k, i in prefill.inputs.items()
-        if k.startswith("kv_cache_")
-    }
-    pre, dec = [], []
-    for line in lines:
-        ids = tok.encode(line)[: min(T, S - 1)]
-        n = len(ids)
-        if n < 1:
-            continue
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = ids
-        pos = np.arange(T, dtype=np.int32)
-        mask = np.where(np.arange(S)[None, :] > pos[:, None], MASK_VALUE, np.float32(0))
-        sample = {"tokens": tokens, "input_pos": pos, "mask": mask.reshape(1, 1, T, S), **caches}
-        sample = {k: v for k, v in sample.items() if k in prefill.inputs}
-        pre.append(sample)
-        outputs = run_prefill(**sample)
-        step = {
-            "tokens": np.asarray([[ids[-1]]], np.int32),
-            "input_pos": np.asarray([n], np.int32),
-            "mask": np.where(np.arange(S) > n, MASK_VALUE, np.float32(0)).reshape(1, 1, 1, S),
-        }
-        for k in decode.inputs:
-            if k.startswith("kv_cache_"):
-                step[k] = np.asarray(outputs[k], np.float32)
-        dec.append({k: v for k, v in step.items() if k in decode.inputs})
-    if not pre:
-        raise LlmToolError("calibration text tokenizes to nothing", path)
-    out = {prefill.key: pre, "decode": dec}
-    for s in m.signatures:  # other prefill lengths: calibrate them like the first
-        if s.key not in out:
-            out[s.key] = pre if s.inputs.keys() == prefill.inputs.keys() else dec
     return out
