@@ -13,7 +13,8 @@
    `--kl-divergence-base` format; our variants are scored against exactly those values by
    this script, llama.cpp's F32 / Q8_0 / Q4_0 GGUFs (convert_hf_to_gguf.py + llama-quantize
    on --hf) by `llama-perplexity --kl-divergence` reading the same file: same tokens, same
-   positions, same reference.
+   positions, same reference. --decode-chunks N scores our graphs' decode signature too
+   (teacher-forced, one token a step) on the first N chunks, against the same reference.
 3. --speed: prefill (--prompt-tokens) and decode (--decode-tokens) tokens/s of each graph
    with the engine `llmtool run` uses, and llama-bench for the GGUFs, interleaved, each in its
    own process, median of --repeat (scripts/bench_decode.py's workers).
@@ -163,6 +164,25 @@ def chunk_logprobs(model: Path, chunks: list[list[int]], first: int, threads: in
     return [llm.logits(c)[first:-1] for c in chunks]
 
 
+def chunk_decode_logprobs(model: Path, chunks: list[list[int]], first: int, threads: int) -> list:
+    """The same positions' logits from the decode signature, one token a step after a prefill
+    of the first `first` tokens (teacher-forced): what generation runs, where chunk_logprobs
+    runs prefill. A graph whose decode is calibrated or quantized apart shows it here."""
+    from llmtool.pipelines.run import LlmInference
+    from llmtool.runtime.inference import LlmInferenceOptions
+
+    llm = LlmInference.create_from_options(
+        LlmInferenceOptions(model_path=str(model), max_tokens=len(chunks[0]), num_threads=threads)
+    )
+    out = []
+    for c in chunks:
+        llm.engine.reset()
+        llm.engine.prefill(c[:first])
+        out.append(np.stack([llm.engine.decode(t) for t in c[first:-1]]))
+    llm.close()
+    return out
+
+
 def score(ref_rows: list, logits: list, chunks: list[list[int]], first: int, vocab: int) -> dict:
     kl, top1, nll = [], [], []
     for rows, lg, c in zip(ref_rows, logits, chunks, strict=True):
@@ -261,6 +281,9 @@ def main() -> None:
     ap.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",")], default=None,
                     help=f"comma-separated variants (of: {', '.join(VARIANTS)}); llama.cpp's "
                     "rows are kept (--llama-cpp)")
+    ap.add_argument("--decode-chunks", type=int, default=0,
+                    help="also score our graphs' decode signature (teacher-forced, one token a "
+                    "step) on the first N chunks")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--llama-omp-passive", action="store_true",
                     help="llama-bench with OMP_WAIT_POLICY=passive (bench_decode.llama_env)")
@@ -310,6 +333,13 @@ def main() -> None:
         rows[name] = score(ref_rows, chunk_logprobs(graph, chunks, first, args.threads), chunks,
                            first, vocab)  # fmt: skip
         rows[name]["bytes"] = path.stat().st_size
+        if args.decode_chunks:
+            n = min(args.decode_chunks, n_chunk)
+            log(f"score {name} through decode")
+            dec = score(ref_rows[:n], chunk_decode_logprobs(graph, chunks[:n], first, args.threads),
+                        chunks[:n], first, vocab)  # fmt: skip
+            rows[name].update({"decode_mean_kl": dec["mean_kl"], "decode_max_kl": dec["max_kl"],
+                               "decode_top1": dec["top1"], "decode_chunks": n})  # fmt: skip
     ggufs: dict[str, Path] = {}
     if args.llama_cpp and args.hf:
         tools = bench_decode.find_llama_cpp(args.llama_cpp)
@@ -363,6 +393,12 @@ def main() -> None:
         print(f"| {name} | {r['bytes'] / 2**20:.1f} MiB | {r['perplexity']:.3f} | "
               f"{r['mean_kl']:.5f} | {r['max_kl']:.4f} | {100 * r['top1']:.2f}% | "
               f"{speed[0]} | {speed[1]} |")  # fmt: skip
+    decoded = {n: r for n, r in rows.items() if "decode_mean_kl" in r}
+    if decoded:
+        print("\n| model | decode: mean KL | max KL | top-1 | chunks |\n|---|---|---|---|---|")
+        for name, r in decoded.items():
+            print(f"| {name} | {r['decode_mean_kl']:.5f} | {r['decode_max_kl']:.4f} | "
+                  f"{100 * r['decode_top1']:.2f}% | {r['decode_chunks']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
