@@ -129,8 +129,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
         if options is not None and options.mode in ("full-int8", "int16x8"):
             if not graph.is_file():
                 log(f"quantize {name}")
+                # the float32 graph (exported first, with the same options as the others)
                 quantize_model(
-                    args.reference,
+                    args.work / "float32.tflite",
                     graph,
                     QuantizeOptions(mode=options.mode, calibration_data=str(args.calibration)),
                 )
