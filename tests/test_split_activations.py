@@ -9,12 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from llmtool.cli import app
+from llmtool.config import BundleConfig
 from llmtool.errors import LlmToolError
 from llmtool.formats.tflite_model import read_model
+from llmtool.pipelines.bundle import bundle
 from llmtool.pipelines.evaluate import evaluate
 from llmtool.pipelines.export import ExportOptions, export_graph
 from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
 from llmtool.pipelines.resolve import default_model_path
+from tests.litert_lm_runs import litert_lm_greedy
+from tests.test_bundle import NEW_TOKENS, PROMPT, ours
 from tests.test_quantize import EXCERPT, _float_copy
 
 
@@ -87,3 +91,22 @@ def test_unknown_activations_mode(converted, tmp_path):
     assert result.exit_code != 0
     assert "unknown activations 'x'" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_litert_lm_runs_split_graphs(converted, tiny_model, tmp_path):
+    """Google's LiteRT-LM runs a split int8 graph and answers as llmtool does."""
+    graph = tmp_path / "int8.tflite"
+    export_graph(converted("LLAMA", "int8"), graph, ExportOptions(max_seq_len=64, prefill_len=8))
+    assert _split_layers(graph)[0] > 0
+    litertlm = tmp_path / "int8.litertlm"
+    bundle(
+        BundleConfig(
+            tflite_model=str(graph),
+            tokenizer_model=str(tiny_model("LLAMA")),
+            output_filename=str(litertlm),
+        )
+    )
+    reference = ours(litertlm)
+    assert len(reference["token_ids"]) >= 8
+    text = reference["text"].split("\x00")[0].rstrip("\ufffd")
+    assert litert_lm_greedy(litertlm, PROMPT, NEW_TOKENS) == text
