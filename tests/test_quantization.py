@@ -94,9 +94,9 @@ def test_int4_blocks_keep_q4_0_absmax_scales(block: int) -> None:
 
 
 def test_int4_activation_weighted_block_scales() -> None:
-    """With per-column importance, each block takes the scale of least weighted error: no
-    block is worse than absmax by that measure, the total is lower, and the columns that
-    meet large activations come out more exact."""
+    """With per-column importance, the activation-weighted error is lower than absmax's, the
+    columns that meet large activations come out more exact, and the error is uncorrelated
+    with the weights (no shrink of the layer's output)."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 256)).astype(np.float32)
     importance = np.ones(256, np.float32)
@@ -105,12 +105,15 @@ def test_int4_activation_weighted_block_scales() -> None:
     weighted = quantize_blockwise(w, 4, 32, importance)
 
     def err(q):
-        return ((dequantize(q) - w) ** 2 * importance).reshape(64, 8, 32).sum(-1)
+        return ((dequantize(q) - w) ** 2 * importance).sum()
 
-    assert np.all(err(weighted) <= err(plain) + 1e-6)
-    assert err(weighted).sum() < 0.8 * err(plain).sum()
+    assert err(weighted) < 0.85 * err(plain), (err(weighted), err(plain))
     hot = np.abs(dequantize(weighted) - w)[:, ::16].mean()
     assert hot < 0.8 * np.abs(dequantize(plain) - w)[:, ::16].mean()
+    # sum(a w (w - dequantized)) ~ 0 per row: no shrink (only float16 rounding remains)
+    a_w = w * importance
+    corr = np.einsum("ij,ij->i", a_w, w - dequantize(weighted))
+    assert np.abs(corr).max() < 0.01 * np.einsum("ij,ij->i", a_w, w).min()
     # deterministic, float16-exact positive scales, values in [-8, 7]
     again = quantize_blockwise(w, 4, 32, importance)
     np.testing.assert_array_equal(again.data, weighted.data)
