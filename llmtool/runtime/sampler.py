@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from llmtool.errors import LlmToolError
@@ -22,7 +24,12 @@ class Sampler:
         validate_sampling(top_k, temperature)
         self.top_k = int(top_k)
         self.temperature = float(temperature)
-        self.rng = np.random.Generator(np.random.PCG64(int(seed) & (2**63 - 1)))
+        self.seed = int(seed) & (2**63 - 1)
+
+    @functools.cached_property
+    def rng(self) -> np.random.Generator:
+        """The generator, made on the first draw: greedy decoding never imports numpy.random."""
+        return np.random.Generator(np.random.PCG64(self.seed))
 
     @property
     def greedy(self) -> bool:
