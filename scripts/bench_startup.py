@@ -117,10 +117,7 @@ class Out:
 
 sys.argv = ["llmtool", *ARGS]
 sys.stdout = Out()
-try:
-    from llmtool.entry import main
-except ImportError:  # trees before the fast path
-    from llmtool.cli import main
+from ENTRY import main
 try:
     main()
 except SystemExit:
@@ -139,6 +136,10 @@ def phases(srcs: list[Path], model: Path, args: argparse.Namespace) -> None:
                 str(args.max_tokens), "--top-k", "1",
                 "--num-threads", str(args.threads)]  # fmt: skip
     code = _TRACE.replace("ARGS", repr(run_args))
+    # The command's entry point in each tree (trees before the fast path have only cli.py; the
+    # editable install's finder would find another tree's entry.py).
+    entry = {s.name: "llmtool.entry" if (s / "llmtool/entry.py").is_file() else "llmtool.cli"
+             for s in srcs}  # fmt: skip
     load_before = [round(x, 2) for x in os.getloadavg()]
     for _ in range(args.repeat):
         for src in srcs:
@@ -147,7 +148,8 @@ def phases(srcs: list[Path], model: Path, args: argparse.Namespace) -> None:
             begin = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], env=env, check=True, cwd=args.cache)
             start[src.name].append(time.perf_counter() - begin)
-            proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+            traced = code.replace("ENTRY", entry[src.name])
+            proc = subprocess.run([sys.executable, "-c", traced], env=env, capture_output=True,
                                   text=True, check=True, cwd=args.cache)  # fmt: skip
             line = [x for x in proc.stderr.splitlines() if x.startswith("@@MARKS@@")][-1]
             runs[src.name].append(json.loads(line[len("@@MARKS@@") :]))
