@@ -421,8 +421,9 @@ def test_content_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
 @pytest.mark.parametrize("entry", ["llmtool.entry", "llmtool.cli"])
 def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path, entry):
     """A run whose graph is cached loads what running needs: not the exporter or torch, nor
-    pydantic (Typer's option coercion) or protobuf (the SentencePiece proto); the command's
-    entry point (a plain `run` parsed without Typer) not even Typer, Click or Rich."""
+    pydantic (Typer's option coercion), protobuf (the SentencePiece proto) or the LiteRT
+    schema (metadata is read without it); through the command's entry point (a plain `run`
+    parsed without Typer) not even Typer, Click or Rich."""
     env = {**os.environ, "LLMTOOL_CACHE_DIR": str(tmp_path / "cache")}
     args = ["run", "--model", str(converted("GEMMA_2B", "int8")), "--prompt", "the cat",
             "--max-tokens", "12", "--num-threads", "1"]  # fmt: skip
@@ -442,7 +443,7 @@ def test_warm_run_imports_neither_exporter_nor_torch(converted, tmp_path, entry)
               for m in json.loads(report.read_text())}  # fmt: skip
     assert "llmtool.runtime.compiled_engine" in loaded and "sentencepiece" in loaded
     heavy = {"llmtool.decoder", "llmtool.pipelines.export", "torch", "transformers", "pydantic",
-             "google.protobuf"}  # fmt: skip
+             "google.protobuf", "ai_edge_litert.schema_py_generated", "flatbuffers"}  # fmt: skip
     if entry == "llmtool.entry":
         heavy |= {"typer", "click", "rich", "llmtool.cli"}
     assert not loaded & heavy, loaded & heavy

@@ -667,7 +667,7 @@ def _reference(content: bytes) -> dict:
 
 
 def _read_view(model) -> dict:
-    from llmtool.formats.tflite_model import _BUILTIN_CODES, _TYPE_CODES
+    from llmtool.formats.tflite_model import _builtin_codes, _type_codes
 
     def quant(q):
         if q is None:
@@ -679,12 +679,12 @@ def _read_view(model) -> dict:
     subgraphs = []
     for sg in model.subgraphs:
         tensors = [
-            (t.name, tuple(t.shape), _TYPE_CODES[t.dtype], t.buffer, quant(t.quantization),
+            (t.name, tuple(t.shape), _type_codes()[t.dtype], t.buffer, quant(t.quantization),
              t.shape_signature, t.is_variable)
             for t in sg.tensors
         ]  # fmt: skip
         ops = [
-            (_BUILTIN_CODES[o.op], o.inputs, o.outputs, len(o.options), o.custom_options)
+            (_builtin_codes()[o.op], o.inputs, o.outputs, len(o.options), o.custom_options)
             for o in sg.operators
         ]
         subgraphs.append((sg.name, tensors, sg.inputs, sg.outputs, ops))

@@ -16,6 +16,7 @@ more, after all data is written, with the final values.
 
 from __future__ import annotations
 
+import importlib
 import io
 import mmap
 import re
@@ -26,9 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import flatbuffers
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
 
 from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output
@@ -44,12 +43,36 @@ BufferData = np.ndarray | bytes | bytearray | memoryview
 # dtypes
 
 
+class _LazyModule:
+    """A module imported on its first attribute use. The LiteRT schema and flatbuffers take
+    ~15 ms to import (a tenth of a warm `llmtool run`), and reading a file's metadata, all a
+    run does here, needs neither."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+schema: Any = _LazyModule("ai_edge_litert.schema_py_generated")
+flatbuffers: Any = _LazyModule("flatbuffers")
+
+
 def _public(cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(cls).items() if not k.startswith("_")}
 
 
-_TYPE_CODES: dict[str, int] = {k.lower(): v for k, v in _public(schema.TensorType).items()}
-_TYPE_NAMES: dict[int, str] = {v: k for k, v in _TYPE_CODES.items()}
+@cache
+def _type_codes() -> dict[str, int]:
+    return {k.lower(): v for k, v in _public(schema.TensorType).items()}
+
+
+@cache
+def _type_names() -> dict[int, str]:
+    return {v: k for k, v in _type_codes().items()}
+
+
 # numpy dtype of the stored bytes (sub-byte types are stored packed as uint8)
 _NUMPY: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -87,10 +110,10 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
 def _type_code(dtype: str) -> int:
     try:
-        return _TYPE_CODES[dtype]
+        return _type_codes()[dtype]
     except KeyError:
         raise ValueError(
-            f"unknown tensor dtype {dtype!r} (known: {', '.join(sorted(_TYPE_CODES))})"
+            f"unknown tensor dtype {dtype!r} (known: {', '.join(sorted(_type_codes()))})"
         ) from None
 
 
@@ -232,10 +255,18 @@ _ENUM_FIELDS = {
     "reduceFunction": "ReduceWindowFunction",
 }
 
-_BUILTIN_CODES: dict[str, int] = _public(schema.BuiltinOperator)
-_BUILTIN_NAMES: dict[int, str] = {}
-for _name, _code in _BUILTIN_CODES.items():
-    _BUILTIN_NAMES.setdefault(_code, _name)
+
+@cache
+def _builtin_codes() -> dict[str, int]:
+    return _public(schema.BuiltinOperator)
+
+
+@cache
+def _builtin_names() -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, code in _builtin_codes().items():
+        names.setdefault(code, name)
+    return names
 
 
 @cache
@@ -436,7 +467,7 @@ class ModelWriter:
                 if not 0 <= idx < nt:
                     raise ValueError(f"{where}: input/output tensor {idx} does not exist")
             for oi, op in enumerate(sg.operators):
-                if op.op != "CUSTOM" and op.op not in _BUILTIN_CODES:
+                if op.op != "CUSTOM" and op.op not in _builtin_codes():
                     raise ValueError(f"{where}: operator {oi}: unknown builtin op {op.op!r}")
                 if op.op == "CUSTOM" and not op.custom_code:
                     raise ValueError(f"{where}: operator {oi}: CUSTOM needs a custom_code")
@@ -491,7 +522,9 @@ class ModelWriter:
             sgt.tensors = [_tensor_t(t) for t in sg.tensors]
             ops = []
             for op in sg.operators:
-                code = _BUILTIN_CODES[op.op] if op.op != "CUSTOM" else schema.BuiltinOperator.CUSTOM
+                code = (
+                    _builtin_codes()[op.op] if op.op != "CUSTOM" else schema.BuiltinOperator.CUSTOM
+                )
                 key = (code, int(op.version), op.custom_code if op.op == "CUSTOM" else None)
                 if key not in opcodes:
                     oc = schema.OperatorCodeT()
@@ -1132,7 +1165,7 @@ def _tensor(t: _Table, n_tensors: int) -> Tensor:
     return Tensor(
         name=name,
         shape=shape,
-        dtype=_TYPE_NAMES.get(t.scalar(6, _I8), f"type{t.scalar(6, _I8)}"),
+        dtype=_type_names().get(t.scalar(6, _I8), f"type{t.scalar(6, _I8)}"),
         buffer=t.scalar(8, _U32),
         quantization=_quantization(t.table(12), name, shape, n_tensors),
         shape_signature=signature,
@@ -1180,7 +1213,7 @@ def _operator(
 ) -> Operator:
     code, version, custom = opcode
     op = _ReadOperator.__new__(_ReadOperator)  # `options` stays unset until asked for
-    op.op = _BUILTIN_NAMES.get(code, f"BUILTIN_{code}")
+    op.op = _builtin_names().get(code, f"BUILTIN_{code}")
     op.inputs, op.outputs = inputs, outputs
     op.version, op.custom_code, op.custom_options = version, custom, o.bytes(14)
     op._table, op._corrupt = o, corrupt
