@@ -308,8 +308,8 @@ def _smoother(
     folds = smoothing.plan_folds(spec)
     if any(name in copied and name in scaled for name in smoothing.consumer_names(spec, folds)):
         return None  # int8 weights copied as they are: folding would need their float values
-    probe = fsrc if fsrc is not None else c
-    if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
+    probe = _float_probe(c, fsrc)
+    if probe is None:
         return None  # too large to run in float here: plain per-channel int8
     progress(0, len(plan), "measuring activations")
     sequences, source = _samples(probe, spec, o)
@@ -317,6 +317,15 @@ def _smoother(
     scales = smoothing.fold_scales(spec, lambda n: source_of(n).float(n), maxima, o.smooth_alpha)
     info = {"alpha": o.smooth_alpha, "samples": source, "fold_count": len(scales)}
     return smoothing.Smoother(spec, scales, info)
+
+
+def _float_probe(c: Container, fsrc: Container | None) -> Container | None:
+    """The model whose float graph is run for activation statistics (the float source if
+    given, else the input); None when its float32 weights exceed smoothing.MAX_PROBE_BYTES."""
+    probe = fsrc if fsrc is not None else c
+    if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
+        return None
+    return probe
 
 
 def _samples(probe: Container, spec: ModelSpec, o: QuantizeOptions) -> tuple[list[list[int]], str]:
@@ -346,8 +355,8 @@ def _int4_importance(
     targets = {e.name for e in plan if e.dtype == "int4" and e.block_size} - set(copied)
     if not (o.activation_weighted and targets) or keys.MODEL_SPEC not in c.metadata:
         return {}, {}
-    probe = fsrc if fsrc is not None else c
-    if sum(4 * int(np.prod(t.shape)) for t in probe) > smoothing.MAX_PROBE_BYTES:
+    probe = _float_probe(c, fsrc)
+    if probe is None:
         return {}, {}
     spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
     progress(0, len(plan), "measuring activations")
