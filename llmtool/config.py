@@ -301,6 +301,7 @@ class ReleaseConfig:
     max_seq_len: int | None = None  # export: KV cache length (None: export's default)
     prefill_len: int = 64  # export: tokens per prefill call
     kv_buckets: tuple[int, ...] | None = None  # export: attended lengths (None: export's)
+    activations: str = "auto"  # export: split activations (auto | split | single, decoder.py)
     eval_text: str | None = None  # evaluation: held-out text; None: no quality line
     eval_window: int = 256
     eval_max_windows: int | None = 16
@@ -326,6 +327,7 @@ _RELEASE_SECTIONS = {
         "max_seq_len": "max_seq_len",
         "prefill_len": "prefill_len",
         "kv_buckets": "kv_buckets",
+        "activations": "activations",
     },
     "evaluation": {
         "text": "eval_text",

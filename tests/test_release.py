@@ -153,6 +153,12 @@ def test_changed_input_rebuilds_only_dependents(spm_model, tmp_path):
     assert s == {"container": "reused", "graph": "reused", "quality": "built", "smoke": "reused"}
     s = statuses(rel.release(plan(path, eval_text=text), force=True))
     assert set(s.values()) == {"built"}
+    # the graph's activations are an export setting: only the graph and what uses it rebuild
+    path = write_config(
+        tmp_path, spm_model, matrix=matrix, export={"max_seq_len": 48, "activations": "single"}
+    )
+    s = statuses(rel.release(plan(path, eval_text=text)))
+    assert s == {"container": "reused", "graph": "built", "quality": "built", "smoke": "built"}
 
 
 def test_failed_item_is_listed_and_successes_kept(spm_model, tmp_path, monkeypatch):
@@ -296,6 +302,7 @@ def test_config_errors_are_one_line(spm_model, tmp_path):
         ({"matrix": {"precisions": ["int3"]}}, "unknown precision 'int3'"),
         ({"lora_ckpt": "adapter"}, "lora_ckpt is given: add 'lora' to matrix.outputs"),
         ({"smoke": {"tokens": 3}}, "smoke: unknown key 'tokens'"),
+        ({"export": {"activations": "half"}}, "export.activations: unknown mode 'half'"),
     ]
     for sections, message in cases:
         path = write_config(tmp_path, spm_model, **sections)

@@ -41,6 +41,7 @@ from typing import Any
 
 from llmtool._version import __version__
 from llmtool.config import ConversionConfig, ReleaseConfig, check_types
+from llmtool.decoder import ACTIVATION_MODES
 from llmtool.errors import LlmToolError
 from llmtool.files import atomic_output, write_bytes
 from llmtool.pipelines.quiet import quiet_native_exit_at_exit
@@ -115,6 +116,7 @@ class ReleasePlan:
                 "max_seq_len": c.max_seq_len,
                 "prefill_len": c.prefill_len,
                 "kv_buckets": None if c.kv_buckets is None else list(c.kv_buckets),
+                "activations": c.activations,
             },
             "evaluation": None
             if c.eval_text is None
@@ -153,6 +155,11 @@ def check_config(config: ReleaseConfig) -> None:
     limit = config.max_seq_len
     if (limit is not None and limit < 2) or config.prefill_len < 1:
         raise fail("export: max_seq_len must be at least 2 and prefill_len at least 1")
+    if config.activations not in ACTIVATION_MODES:
+        raise fail(
+            f"export.activations: unknown mode {config.activations!r} "
+            f"(use {', '.join(ACTIVATION_MODES)})"
+        )
     if config.eval_text is not None and not 2 <= config.eval_window <= (limit or 1 << 30):
         raise fail(f"evaluation.window must be between 2 and export.max_seq_len ({limit})")
     if config.eval_max_windows is not None and config.eval_max_windows < 1:
@@ -290,6 +297,7 @@ class _ItemBuild:
                 "max_seq_len": c.max_seq_len,
                 "prefill_len": c.prefill_len,
                 "kv_buckets": None if c.kv_buckets is None else list(c.kv_buckets),
+                "activations": c.activations,
             },
             "task": dict(sorted(c.bundle.items())),  # unset: the tokenizer's own tokens
             "litertlm": dict(sorted(c.bundle.items())),
@@ -448,11 +456,16 @@ class _ItemBuild:
             # prefill_len is a ceiling here (the release default 64 with a shorter cache means
             # one prefill of the whole cache); export refuses a prefill longer than the cache.
             prefill = min(c.prefill_len, c.max_seq_len) if c.max_seq_len else c.prefill_len
-            options = ExportOptions(c.max_seq_len, prefill, c.kv_buckets, **lora)
+            options = ExportOptions(
+                c.max_seq_len, prefill, c.kv_buckets, activations=c.activations, **lora
+            )
             summary = export_graph(source, target, options, forward)
             exact = {
                 k: summary.get(k)
-                for k in ("max_seq_len", "prefill_len", "kv_buckets", "signatures", "lora_rank")
+                for k in (
+                    "max_seq_len", "prefill_len", "kv_buckets", "signatures", "lora_rank",
+                    "activations",
+                )  # fmt: skip
             }
             return target, {**exact, "built_from_sha256": _file_sha256(source)}
         if kind == "lora":
