@@ -277,8 +277,9 @@ def _weighted_block_scales(
     """int4 block scales [rows, nb] for blocks [rows, nb, block] with column weights
     importance [nb, block]: of absmax and the candidates max|w| / d (d in _BLOCK_DIVISORS),
     the values of the one with the smallest sum(importance * (w - s q)^2), then rescaled so
-    that their error is uncorrelated with the weights (below). Ties keep the earlier
-    candidate (absmax first), so the result is deterministic.
+    that their error is uncorrelated with the weights (below), kept only where that still
+    beats absmax. Ties keep the earlier candidate (absmax first), so the result is
+    deterministic.
 
     Q4_0's signed scale puts its extra level (-8) on the side of a block's largest weight;
     LiteRT's positive block scales get it only when that weight is negative, and plain
@@ -314,8 +315,9 @@ def _weighted_block_scales(
     aw = blocks * importance
     num = np.einsum("rbi,rbi->rb", aw, blocks)
     den = np.einsum("rbi,rbi->rb", aw, buf)
-    fair = np.divide(num, den, out=best.copy(), where=den > 0)
-    return _block_scale_as_stored(fair, amax)
+    fair = _block_scale_as_stored(np.divide(num, den, out=best.copy(), where=den > 0), amax)
+    # ... unless that leaves the block worse than absmax (itself unbiased) by the weighted error
+    return np.where(error(fair) <= error(absmax), fair, absmax)
 
 
 def quantize_blockwise(
