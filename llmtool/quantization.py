@@ -299,6 +299,7 @@ def _weighted_block_scales(
         return np.einsum("rbi,bi->rb", buf, importance)
 
     best_err = error(best)
+    absmax_err = best_err.copy()
     for d in _BLOCK_DIVISORS:
         s = _block_scale_as_stored(amax / np.float32(d), amax)
         err = error(s)
@@ -317,7 +318,7 @@ def _weighted_block_scales(
     den = np.einsum("rbi,rbi->rb", aw, buf)
     fair = _block_scale_as_stored(np.divide(num, den, out=best.copy(), where=den > 0), amax)
     # ... unless that leaves the block worse than absmax (itself unbiased) by the weighted error
-    return np.where(error(fair) <= error(absmax), fair, absmax)
+    return np.where(error(fair) <= absmax_err, fair, absmax)
 
 
 def quantize_blockwise(

@@ -240,16 +240,25 @@ def text_sequences(
     if not files:
         raise LlmToolError("the model carries no tokenizer to read calibration text", c.path)
     tok = Tokenizer.from_files(files)
-    try:
-        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LlmToolError(f"cannot read calibration text ({exc})", path) from None
     start = [] if tok.bos_id is None else [tok.bos_id]
-    out = [(start + tok.encode(line))[:length] for line in lines[:count]]
+    out = [(start + tok.encode(line))[:length] for line in calibration_lines(path, count)]
     out = [s for s in out if len(s) > len(start)]
     if not out:
         raise LlmToolError("calibration data has no non-empty line", path)
     return out
+
+
+def calibration_lines(path: Path, limit: int) -> list[str]:
+    """The first `limit` non-empty lines of a calibration text (one sample a line)."""
+    from llmtool.errors import LlmToolError
+
+    try:
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LlmToolError(f"cannot read calibration text ({exc})", path) from None
+    if not lines:
+        raise LlmToolError("calibration data has no non-empty line", path)
+    return lines[:limit]
 
 
 def sample_sequences(

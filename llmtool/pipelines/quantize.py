@@ -665,23 +665,13 @@ def _calibrate(
                     "with one array per input name (samples along the first axis)",
                     data,
                 )
-            lines = _calibration_lines(data, o.calibration_samples)
+            lines = smoothing.calibration_lines(data, o.calibration_samples)
             return _decoder_ranges(m, lines, STATIC_MODES[o.mode], tmp, data)
         samples = _npz_samples(data, m, o.calibration_samples)
         with quiet():
             return _quantizer(source, recipe).calibrate(samples, num_threads=1)
     except (ValueError, RuntimeError) as exc:
         raise LlmToolError(f"calibration failed ({exc})", data) from None
-
-
-def _calibration_lines(data: Path, limit: int) -> list[str]:
-    try:
-        lines = [x for x in data.read_text(encoding="utf-8").splitlines() if x.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LlmToolError(f"cannot read calibration text ({exc})", data) from None
-    if not lines:
-        raise LlmToolError("calibration data has no non-empty line", data)
-    return lines[:limit]
 
 
 def _is_constant(m: ModelFile, t: Any) -> bool:
