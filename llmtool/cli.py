@@ -635,8 +635,21 @@ def quantize(
         Path | None,
         typer.Option(
             help="full-int8/int16x8: text, one sample per line (or .npz arrays); int4 and "
-            "dynamic-int8 --smooth: text to measure activations on (default: random token "
-            "sequences)."
+            "dynamic-int8: text to run the float model on, for GPTQ rounding, weighted int4 "
+            "block scales and --smooth (default: random token sequences, and no GPTQ)."
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Use at most this many calibration lines (or .npz arrays).")
+    ] = 32,
+    gptq: Annotated[
+        bool | None,
+        typer.Option(
+            "--gptq/--no-gptq",
+            help="dynamic-int8/int4 of a float model: round each layer's weights so their "
+            "errors cancel on the layer's inputs in the float model run on "
+            "--calibration-data (GPTQ). On whenever calibration data is given; slower.",
+            show_default=False,
         ),
     ] = None,
     smooth: Annotated[
@@ -686,6 +699,8 @@ def quantize(
         smooth=smooth,
         smooth_alpha=smooth_alpha,
         activation_weighted=activation_weighted,
+        gptq=gptq,
+        calibration_samples=calibration_samples,
     )
     with ProgressBar("quantizing", enabled=not json_out) as bar:
         summary = quantize_model(input_file, output_file, options, bar)

@@ -144,6 +144,12 @@ class Smoother:
     def __contains__(self, name: str) -> bool:
         return name in self._ops
 
+    def column_scale(self, name: str) -> np.ndarray | None:
+        """The factor of each input column of the matrix `name` (its input is divided by
+        it), or None when its columns are not rescaled."""
+        cols = [s for op, s in self._ops.get(name, []) if op == "cols"]
+        return np.prod(cols, axis=0).astype(np.float32) if cols else None
+
     def apply(self, name: str, x: np.ndarray) -> np.ndarray:
         """The tensor `name` (float32) after every fold that touches it."""
         ops = self._ops.get(name)
@@ -285,6 +291,41 @@ def activation_statistics(
 ) -> list[tuple[tuple[str, ...], tuple[np.ndarray, np.ndarray]]]:
     """(weight names, (largest |input|, mean input^2) per column) of every fully-connected
     layer's input over `sequences`, run through the container's own float graph."""
+    maxima: dict[tuple[str, ...], np.ndarray] = {}
+    squares: dict[tuple[str, ...], np.ndarray] = {}
+    order: list[tuple[str, ...]] = []
+    rows = 0
+
+    def start(shapes: dict[tuple[str, ...], int], total: int) -> set[tuple[str, ...]]:
+        order.extend(shapes)
+        return set(shapes)
+
+    def visit(inputs: dict[tuple[str, ...], np.ndarray]) -> None:
+        nonlocal rows
+        for name, x in inputs.items():
+            hi = np.abs(x).max(axis=0)
+            sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+            maxima[name] = np.maximum(maxima[name], hi) if name in maxima else hi
+            squares[name] = squares[name] + sq if name in squares else sq
+        rows += len(x)
+
+    run_probe(c, spec, sequences, work_dir, start, visit)
+    return [(k, (maxima[k], (squares[k] / max(rows, 1)).astype(np.float32))) for k in order]
+
+
+def run_probe(
+    c: Container,
+    spec: ModelSpec,
+    sequences: list[list[int]],
+    work_dir: Path,
+    start: Callable[[dict[tuple[str, ...], int], int], set[tuple[str, ...]]],
+    visit: Callable[[dict[tuple[str, ...], np.ndarray]], None],
+) -> None:
+    """Run the container's float graph (one prefill signature over the longest sequence,
+    XNNPACK) on each of `sequences` from scratch, with every fully-connected layer's input
+    as an output. `start(columns, tokens)` gets each FC input's width (keyed by the weight
+    names that share it) and the total token count, and names the inputs to record;
+    `visit(inputs)` then gets those inputs ([n, columns] float32) for each sequence."""
     from ai_edge_litert.interpreter import Interpreter
 
     from llmtool.decoder import MASKED, _Decoder, _Subgraph, _Weights
@@ -298,15 +339,15 @@ def activation_statistics(
     probes: dict[tuple[str, ...], int] = {}
     for names, x in g.fc_inputs:
         probes.setdefault(names, x)
+    total = sum(min(len(s), T) for s in sequences)
+    wanted = start({k: g.shape(x)[-1] for k, x in probes.items()}, total)
+    probes = {k: x for k, x in probes.items() if k in wanted}
     outputs = {f"act{i}": x for i, x in enumerate(probes.values())}
     g.outputs = {**outputs, "logits": g.outputs["logits"]}
     index = writer.add_subgraph(
         Subgraph("probe", g.tensors, list(g.inputs.values()), list(g.outputs.values()), g.ops)
     )
     writer.add_signature(Signature("probe", index, dict(g.inputs), dict(g.outputs)))
-    maxima: dict[tuple[str, ...], np.ndarray] = {}
-    squares: dict[tuple[str, ...], np.ndarray] = {}
-    rows = 0
     with tempfile.TemporaryDirectory(dir=work_dir, prefix=".llmtool-probe-") as tmp:
         path = Path(tmp) / "probe.tflite"
         writer.write(path)
@@ -327,14 +368,12 @@ def activation_statistics(
             tokens = np.zeros((1, T), np.int32)
             tokens[0, :n] = seq
             result = run(tokens=tokens, **feed)
-            rows += n
-            for (name, _), key in zip(probes.items(), outputs, strict=True):
-                x = np.asarray(result[key], np.float32).reshape(T, -1)[:n]
-                hi = np.abs(x).max(axis=0)
-                sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
-                maxima[name] = np.maximum(maxima[name], hi) if name in maxima else hi
-                squares[name] = squares[name] + sq if name in squares else sq
-    return [(k, (maxima[k], (squares[k] / max(rows, 1)).astype(np.float32))) for k in probes]
+            visit(
+                {
+                    name: np.asarray(result[key], np.float32).reshape(T, -1)[:n]
+                    for name, key in zip(probes, outputs, strict=True)
+                }
+            )
 
 
 def expected_shape(spec: ModelSpec, fold: Fold) -> tuple[int, ...]:

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -53,6 +54,9 @@ VARIANTS: dict[str, QuantizeOptions | None] = {
     "int4 block 32": QuantizeOptions(mode="int4"),  # the default: 32 where it divides a row
     "int4 block 32 absmax": QuantizeOptions(mode="int4", activation_weighted=False),
     "int4 block 128": QuantizeOptions(mode="int4", block_size=128),
+    # GPTQ rounding on --calibration (text, none of the held-out text)
+    "dynamic-int8 gptq": QuantizeOptions(mode="dynamic-int8"),
+    "int4 block 32 gptq": QuantizeOptions(mode="int4"),
     "full-int8": QuantizeOptions(mode="full-int8"),
     "int16x8": QuantizeOptions(mode="int16x8"),
 }
@@ -62,6 +66,8 @@ ACTIVATIONS = {
     "dynamic-int8 one-pass": "single",
     "dynamic-int8 smoothed one-pass": "single",
 }
+# Variants quantized with --calibration as their calibration data.
+CALIBRATED = ("dynamic-int8 gptq", "int4 block 32 gptq")
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0")
 log = bench_decode.log
 
@@ -140,6 +146,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
         container = args.reference if options is None else args.work / f"{slug}.bin"
         if not container.is_file():
             log(f"quantize {name}")
+            if name in CALIBRATED:
+                options = dataclasses.replace(options, calibration_data=str(args.calibration))
             try:
                 quantize_model(args.reference, container, options)
             except LlmToolError as exc:  # e.g. a block size that does not divide every row

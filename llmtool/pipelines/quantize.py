@@ -29,14 +29,14 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmtool import smoothing
+from llmtool import gptq, smoothing
 from llmtool.config import DEFAULT_BLOCK_SIZE, check_block_size_option, check_types
 from llmtool.errors import LlmToolError
 from llmtool.files import refuse_overlap, write_bytes
@@ -46,7 +46,7 @@ from llmtool.formats.tflite_model import ModelFile, ModelWriter, Signature, Subg
 from llmtool.pipelines.convert import encode_tensor, storage_plan
 from llmtool.pipelines.quiet import quiet
 from llmtool.quantization import QuantizedTensor
-from llmtool.spec import ROLE_KIND, ROLE_NAMES, ModelSpec
+from llmtool.spec import ROLE_KIND, ROLE_NAMES, ModelSpec, role_name
 
 MODES = ("dynamic-int8", "float16", "int4", "full-int8", "int16x8")
 STATIC_MODES = {"full-int8": 8, "int16x8": 16}
@@ -79,6 +79,10 @@ class QuantizeOptions:
     # weighted by its columns' mean activation^2 in the float model (on --calibration-data,
     # or data-free token sequences); False: Q4_0-style absmax scales
     activation_weighted: bool = True
+    # dynamic-int8 / int4 of a float LLM container: error-compensating rounding (GPTQ,
+    # llmtool/gptq.py) against each layer's inputs in the float model on --calibration-data
+    # (needed: on random tokens it raised KL on a trained model). None: on when it is given.
+    gptq: bool | None = None
 
 
 def _no_progress(done: int, total: int, what: str) -> None:
@@ -148,16 +152,32 @@ def _check_options(o: QuantizeOptions) -> None:
         raise LlmToolError(
             f"--calibration-data is for full-int8 / int16x8, dynamic-int8 and int4, not {o.mode}"
         )
-    elif o.calibration_data and o.mode == "dynamic-int8" and not o.smooth:
-        raise LlmToolError("--calibration-data for dynamic-int8 is smoothing's: add --smooth")
-    elif o.calibration_data and o.mode == "int4" and not o.activation_weighted:
+    elif o.calibration_data and o.mode == "dynamic-int8" and not (o.smooth or _gptq(o)):
         raise LlmToolError(
-            "--calibration-data for int4 weighs its block scales: drop --no-activation-weighted"
+            "--calibration-data for dynamic-int8 is for GPTQ or smoothing: drop --no-gptq "
+            "or add --smooth"
+        )
+    elif o.calibration_data and o.mode == "int4" and not (o.activation_weighted or _gptq(o)):
+        raise LlmToolError(
+            "--calibration-data for int4 is for GPTQ or weighted block scales: drop --no-gptq "
+            "or --no-activation-weighted"
         )
     elif o.calibration_data and not Path(o.calibration_data).is_file():
         raise LlmToolError("calibration data not found", o.calibration_data)
     if not 0.0 <= o.smooth_alpha <= 1.0:
         raise LlmToolError(f"--smooth-alpha must be between 0 and 1 (got {o.smooth_alpha})")
+    if o.gptq and o.mode not in ("dynamic-int8", "int4"):
+        raise LlmToolError(f"--gptq applies to dynamic-int8 and int4, not {o.mode}")
+    if o.gptq and not o.calibration_data:
+        # random token sequences mislead it: SmolLM2-135M int8 KL 0.0065 against 0.0037
+        raise LlmToolError("--gptq needs --calibration-data: text like the model's inputs")
+
+
+def _gptq(o: QuantizeOptions) -> bool:
+    """Whether GPTQ rounding is asked for (by default: when calibration text is given)."""
+    if o.mode not in ("dynamic-int8", "int4"):
+        return False
+    return bool(o.calibration_data) if o.gptq is None else o.gptq
 
 
 def kind_bits(o: QuantizeOptions) -> dict[str, int]:
@@ -239,7 +259,11 @@ def _quantize_container(
         smoothed = set() if smoother is None else {e.name for e in plan if e.name in smoother}
         copied = [n for n in copied if n not in smoothed]  # float norms that smoothing rescales
 
-        importance, importance_info = _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
+        stack = ExitStack()
+        inputs, gptq_info = _gptq_inputs(c, fsrc, o, src, out, plan, copied, progress, stack)
+        importance, importance_info = (
+            ({}, {}) if inputs else _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
+        )
 
         def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
             done = len(done_names)
@@ -251,6 +275,15 @@ def _quantize_container(
             value = source_of(entry.name).float(entry.name)
             if smoother is not None:
                 value = smoother.apply(entry.name, value)
+            if inputs is not None and entry.name in inputs:
+                h = inputs.hessian(entry.name)
+                s = None if smoother is None else smoother.column_scale(entry.name)
+                if s is not None:  # the smoothed layer sees x / s
+                    h = h / np.outer(s, s).astype(np.float32)
+                bits = 8 if entry.dtype == "int8" else 4
+                return gptq.quantize_gptq(
+                    value, h, bits, entry.block_size, weighted_blocks=o.activation_weighted
+                )
             return encode_tensor(value, entry, importance=importance.get(entry.name))
 
         done_names: list[str] = []
@@ -269,8 +302,12 @@ def _quantize_container(
         conversion.pop("int4_scales", None)
         if importance:
             conversion["int4_scales"] = importance_info
+        conversion.pop("gptq", None)
+        if gptq_info:
+            conversion["gptq"] = gptq_info
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
-        ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
+        with stack:
+            ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
         progress(len(plan), len(plan), "done")
     return {
         "kind": "container",
@@ -282,6 +319,7 @@ def _quantize_container(
         "from_float_source": len(from_source),
         "smoothing": smoother.info if smoother is not None else None,
         "int4_scales": importance_info if importance else None,
+        "gptq": gptq_info or None,
     }
 
 
@@ -328,13 +366,49 @@ def _float_probe(c: Container, fsrc: Container | None) -> Container | None:
     return probe
 
 
-def _samples(probe: Container, spec: ModelSpec, o: QuantizeOptions) -> tuple[list[list[int]], str]:
+def _samples(
+    probe: Container, spec: ModelSpec, o: QuantizeOptions, count: int = 32
+) -> tuple[list[list[int]], str]:
     """Token sequences to measure activations on, and how to name them in the summary."""
     if o.calibration_data:
-        sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data))
+        sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data), count)
         return sequences, f"calibration text ({len(sequences)} lines)"
     sequences = smoothing.sample_sequences(spec.vocab_size, spec.bos_token_id)
     return sequences, f"{len(sequences)} random token sequences (data-free)"
+
+
+def _gptq_inputs(
+    c: Container,
+    fsrc: Container | None,
+    o: QuantizeOptions,
+    src: Path,
+    out: Path,
+    plan: list[TensorPlan],
+    copied: list[str],
+    progress: Progress,
+    stack: ExitStack,
+) -> tuple[gptq.FcInputs | None, dict[str, Any]]:
+    """The float model's FC inputs on the calibration sequences, for GPTQ rounding of every
+    int8 / int4 matrix quantized here from float (recorded in a temporary folder that
+    `stack` deletes). None when it does not apply: not asked for, no such weight, not a
+    converted LLM, or a model too large to run in float here (nearest rounding then)."""
+    if not _gptq(o) or keys.MODEL_SPEC not in c.metadata:
+        return None, {}
+    spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
+    embed = role_name("embed")  # the tied output layer is also the lookup table: left alone
+    targets = (
+        {e.name for e in plan if e.dtype in ("int8", "int4") and len(e.shape) == 2}
+        - set(copied)
+        - {embed}
+    )
+    probe = _float_probe(c, fsrc)
+    if not targets or probe is None:
+        return None, {}
+    progress(0, len(plan), "recording layer inputs")
+    sequences, source = _samples(probe, spec, o, o.calibration_samples)
+    inputs = stack.enter_context(gptq.recorded_inputs(probe, spec, sequences, out.parent, targets))
+    count = sum(1 for e in plan if e.name in targets and e.name in inputs)
+    return inputs, {"samples": source, "tokens": inputs.rows, "matrices": count}
 
 
 def _int4_importance(
