@@ -25,10 +25,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmtool.errors import LlmToolError
 from llmtool.formats.container import Container
 from llmtool.quantization import (
     _ROW_DIVISORS,
@@ -41,9 +41,6 @@ from llmtool.quantization import (
     pack_int4,
 )
 from llmtool.spec import ModelSpec
-
-if TYPE_CHECKING:  # imported when used: the run path never loads torch
-    import torch
 
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default)
 _BATCH = 128  # columns per lazy update of the rest of the matrix
@@ -65,65 +62,75 @@ def quantize_gptq(
     weighted_blocks: bool = True,
 ) -> QuantizedTensor:
     """Quantize `w` [rows, columns] (symmetric; per row, or blockwise along rows) so that
-    tr((W - Q) H (W - Q)^T) is small for `hessian` H [columns, columns] = sum x x^T."""
-    import torch
+    tr((W - Q) H (W - Q)^T) is small for `hessian` H [columns, columns] = sum x x^T, of
+    which only the lower triangle (with the diagonal) is read.
 
-    w = np.asarray(w, np.float32)
+    Columns are rounded from the last to the first: with L the Cholesky factor of H
+    (H = L L^T) and M = L^-1, the error e of column c, divided by M[c, c], is taken off the
+    columns c' < c in proportion to M[c, c']. That is GPTQ's update in reversed column
+    order (its factor of H^-1 for the reversed order is M with rows and columns reversed),
+    which needs no more than one factorisation and one triangular inverse, both in place."""
+    w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"GPTQ quantizes matrices, not shape {list(w.shape)}")
     rows, cols = w.shape
-    h = torch.from_numpy(np.array(hessian, np.float32, copy=True))
-    if tuple(h.shape) != (cols, cols):
-        raise ValueError(f"hessian of shape {list(h.shape)} for a matrix of {cols} columns")
-    if block_size and check_block_size(w.shape, block_size):
-        raise ValueError(check_block_size(w.shape, block_size))
+    if np.shape(hessian) != (cols, cols):
+        raise ValueError(f"hessian of shape {list(np.shape(hessian))} for {cols} columns")
     if block_size:
+        problem = check_block_size(w.shape, block_size)
+        if problem:
+            raise ValueError(problem)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     else:
         qmin, qmax = _qrange(bits, True)
+    wt = np.array(w.T, np.float32, order="C")  # column c is row c: updated in place
+    if not np.all(np.isfinite(wt)):
+        raise LlmToolError("cannot quantize a tensor that contains NaN or infinity")
     importance = importance_of(np.diag(hessian)) if block_size and weighted_blocks else None
-    u = _inverse_factor(h)
-    W = torch.from_numpy(w.copy())
-    Q = torch.empty((rows, cols), dtype=torch.int8)
+    m = _inverse_factor(hessian)
+    qt = np.empty((cols, rows), np.int8)
     if block_size:
         scale = np.empty((rows, cols // block_size), np.float32)
-        s = None
+        s = np.ones(rows, np.float32)
+        batch = block_size * -(-_BATCH // block_size)  # whole blocks in every batch
     else:
         if bits == 8:
-            scale = np.abs(w).max(axis=1) / np.float32(qmax)
+            scale = (np.abs(wt).max(axis=0) / np.float32(qmax)).astype(np.float32)
             scale[scale == 0] = 1.0
-            scale = scale.astype(np.float32)
         else:
-            scale = _search_scales(w.copy(), qmin, qmax, _ROW_DIVISORS, float16=False)
-        s = torch.from_numpy(scale)
-    for i1 in range(0, cols, _BATCH):
-        i2 = min(i1 + _BATCH, cols)
-        w1 = W[:, i1:i2].clone()
-        err = torch.empty_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for j in range(i2 - i1):
+            scale = _search_scales(np.array(w, np.float32), qmin, qmax, _ROW_DIVISORS, False)
+        s = scale
+        batch = _BATCH
+    col = np.empty(rows, np.float32)
+    for i1 in reversed(range(0, cols, batch)):
+        i2 = min(i1 + batch, cols)
+        mb = np.ascontiguousarray(m[i1:i2, i1:i2])
+        err = np.empty((i2 - i1, rows), np.float32)
+        for j in reversed(range(i2 - i1)):
             c = i1 + j
-            if block_size and c % block_size == 0:
-                b = c // block_size
-                # the block's weights as updated so far (the batch holds whole blocks)
-                blk = w1[:, j : j + block_size].numpy()[:, None, :]
+            if block_size and (c + 1) % block_size == 0:  # a block's last column: its scale
+                blk = np.ascontiguousarray(wt[c + 1 - block_size : c + 1].T)[:, None, :]
                 bs = _block_scales(blk, bits)
                 if importance is not None:
-                    imp = importance[c : c + block_size][None, :]
+                    imp = importance[c + 1 - block_size : c + 1][None, :]
                     bs = _weighted_block_scales(blk, imp, bs)
-                scale[:, b] = bs[:, 0]
-                s = torch.from_numpy(np.ascontiguousarray(bs[:, 0]))
-            col = w1[:, j]
-            q = torch.clamp(torch.round(col / s), qmin, qmax)
-            Q[:, c] = q.to(torch.int8)
-            e = (col - q * s) / u1[j, j]
-            w1[:, j + 1 :] -= e[:, None] * u1[j, j + 1 :][None, :]
-            err[:, j] = e
-        W[:, i2:] -= err @ u[i1:i2, i2:]
-    values = Q.numpy()
-    data = values if bits == 8 else pack_int4(values)
+                s = np.ascontiguousarray(bs[:, 0])
+                scale[:, c // block_size] = s
+            np.divide(wt[c], s, out=col)
+            np.rint(col, out=col)
+            np.clip(col, qmin, qmax, out=col)
+            qt[c] = col
+            e = err[j]
+            np.multiply(col, s, out=e)
+            np.subtract(wt[c], e, out=e)
+            e /= mb[j, j]
+            if j:
+                wt[i1 : i1 + j] -= mb[j, :j, None] * e[None, :]
+        if i1:
+            wt[:i1] -= m[i1:i2, :i1].T @ err
+    values = np.ascontiguousarray(qt.T)
     return QuantizedTensor(
-        data=data,
+        data=values if bits == 8 else pack_int4(values),
         scale=np.asarray(scale, np.float32),
         zero_point=np.zeros(rows, np.int64),
         bits=bits,
@@ -133,34 +140,35 @@ def quantize_gptq(
     )
 
 
-def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damping)^-1 (U^T U = H^-1). Columns no calibration
-    input reached get the mean diagonal and no correlation, so they are rounded to nearest
-    and take no other column's error.
+def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """M = L^-1 (lower triangle; the upper one holds leftovers) for H + damping = L L^T,
+    from H's lower triangle. Columns no calibration input reached get the mean diagonal and
+    no correlation, so they are rounded to nearest and pass no error on."""
+    from scipy.linalg import lapack
 
-    With J the exchange matrix (J A J reverses A's rows and columns) and L the lower
-    Cholesky factor of J H J, U = J L^-1 J: one factorisation and one triangular inverse,
-    2n^3/3 operations where factor, invert and factor again take 5n^3/3."""
-    import torch
-
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    live = diag[~dead]
-    level = float(live.mean()) if live.numel() else 1.0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    diag[dead] = level
-    diag += DAMPING * level
-    h = torch.flip(h, (0, 1))
-    for _ in range(4):  # float32 rounding can leave H just short of positive definite
-        factor, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
+    n = len(hessian)
+    idx = np.arange(n)
+    diag = np.asarray(hessian, np.float32)[idx, idx]
+    dead = ~(diag > 0)
+    level = float(diag[~dead].mean()) if np.any(~dead) else 1.0
+    diag = np.where(dead, np.float32(level), diag)
+    factor = None
+    for attempt in range(4):  # float32 rounding can leave H just short of positive definite
+        factor = None  # free a failed attempt's copy before making the next
+        h = np.array(hessian, np.float32, order="F")
+        if np.any(dead):
+            h[dead, :] = 0
+            h[:, dead] = 0
+        h[idx, idx] = diag + np.float32((1 + attempt) * DAMPING * level)
+        factor, info = lapack.spotrf(h, lower=1, clean=0, overwrite_a=1)
+        if info == 0:
             break
-        torch.diagonal(h).add_(DAMPING * level)
     else:
-        raise ValueError("calibration statistics are not positive definite")
-    eye = torch.eye(len(h), dtype=h.dtype)
-    return torch.flip(torch.linalg.solve_triangular(factor, eye, upper=False), (0, 1))
+        raise LlmToolError("calibration statistics are not positive definite")
+    inverse, info = lapack.strtri(factor, lower=1, overwrite_c=1)
+    if info != 0:
+        raise LlmToolError("calibration statistics are singular")
+    return inverse
 
 
 class FcInputs:
@@ -190,20 +198,21 @@ class FcInputs:
         self._filled += n
 
     def hessian(self, name: str) -> np.ndarray:
-        """sum x x^T [columns, columns] (float32) of the weight `name`'s input; the last one
-        is kept, as q, k and v (and gate, up) come one after another."""
-        import torch
+        """sum x x^T [columns, columns] (float32, lower triangle only) of the weight `name`'s
+        input; the last one is kept, as q, k and v (and gate, up) come one after another."""
+        from scipy.linalg import blas
 
         key = self.keys[name]
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
+        self._cached = None
         x = self._arrays[key]
-        h = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float32)
+        h = np.zeros((x.shape[1], x.shape[1]), np.float32, order="F")
         for r in range(0, self._filled, 1024):
-            chunk = torch.from_numpy(np.array(x[r : min(r + 1024, self._filled)]))
-            h.addmm_(chunk.T, chunk)
-        self._cached = (key, h.numpy())
-        return self._cached[1]
+            chunk = np.array(x[r : min(r + 1024, self._filled)])
+            h = blas.ssyrk(1.0, chunk.T, beta=1.0, c=h, trans=0, lower=1, overwrite_c=1)
+        self._cached = (key, h)
+        return h
 
     def __contains__(self, name: str) -> bool:
         return name in self.keys

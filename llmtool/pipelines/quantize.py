@@ -14,8 +14,10 @@ Modes (the autocomplete codelab's three, plus int4 and int16 activations):
   are calibrated here (`_decoder_ranges`: one prefill signature, running min/max), not by
   litert-quantizer's calibrator, which holds every tensor of every signature in memory.
 
-Containers are quantized here, tensor by tensor (quantization.py). Graphs, whoever wrote them,
-go through Google's `litert-quantizer`, which handles every builtin op LiteRT quantizes.
+Containers are quantized here, tensor by tensor (quantization.py); with --calibration-data,
+dynamic-int8 and int4 matrices are rounded by GPTQ against their inputs in the float model
+(gptq.py). Graphs, whoever wrote them, go through Google's `litert-quantizer`, which
+handles every builtin op LiteRT quantizes.
 A tensor that is already int8/int4 is copied if it keeps its encoding and otherwise refused
 (re-quantizing compounds the error) unless `float_source` names the float model to take it
 from. Outputs are written to a temporary name and renamed when complete.
@@ -225,7 +227,11 @@ def _quantize_container(
 ) -> dict[str, Any]:
     bits = kind_bits(o)
     patterns = _role_patterns()
-    with Container.open(src) as c, _float_source(o.float_source) as fsrc:
+    with (
+        Container.open(src) as c,
+        _float_source(o.float_source) as fsrc,
+        ExitStack() as stack,  # GPTQ's recorded inputs
+    ):
         plan: list[TensorPlan] = []
         kinds: dict[str, str] = {}
         for t in c:
@@ -259,10 +265,11 @@ def _quantize_container(
         smoothed = set() if smoother is None else {e.name for e in plan if e.name in smoother}
         copied = [n for n in copied if n not in smoothed]  # float norms that smoothing rescales
 
-        stack = ExitStack()
         inputs, gptq_info = _gptq_inputs(c, fsrc, o, src, out, plan, copied, progress, stack)
         importance, importance_info = (
-            ({}, {}) if inputs else _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
+            ({}, {})
+            if inputs is not None
+            else _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
         )
 
         def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
@@ -306,8 +313,7 @@ def _quantize_container(
         if gptq_info:
             conversion["gptq"] = gptq_info
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
-        with stack:
-            ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
+        ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
         progress(len(plan), len(plan), "done")
     return {
         "kind": "container",
@@ -366,11 +372,10 @@ def _float_probe(c: Container, fsrc: Container | None) -> Container | None:
     return probe
 
 
-def _samples(
-    probe: Container, spec: ModelSpec, o: QuantizeOptions, count: int = 32
-) -> tuple[list[list[int]], str]:
+def _samples(probe: Container, spec: ModelSpec, o: QuantizeOptions) -> tuple[list[list[int]], str]:
     """Token sequences to measure activations on, and how to name them in the summary."""
     if o.calibration_data:
+        count = o.calibration_samples
         sequences = smoothing.text_sequences(probe, spec, Path(o.calibration_data), count)
         return sequences, f"calibration text ({len(sequences)} lines)"
     sequences = smoothing.sample_sequences(spec.vocab_size, spec.bos_token_id)
@@ -405,7 +410,7 @@ def _gptq_inputs(
     if not targets or probe is None:
         return None, {}
     progress(0, len(plan), "recording layer inputs")
-    sequences, source = _samples(probe, spec, o, o.calibration_samples)
+    sequences, source = _samples(probe, spec, o)
     inputs = stack.enter_context(gptq.recorded_inputs(probe, spec, sequences, out.parent, targets))
     count = sum(1 for e in plan if e.name in targets and e.name in inputs)
     return inputs, {"samples": source, "tokens": inputs.rows, "matrices": count}
