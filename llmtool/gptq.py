@@ -46,12 +46,12 @@ DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default)
 _BATCH = 128  # columns per lazy update of the rest of the matrix
 
 
-def importance_of(h_diag: np.ndarray) -> np.ndarray:
-    """Per-column weights of the int4 block scale search from H's diagonal (sum x^2): the
-    mean square over its mean, plus 1 so no column counts for nothing."""
-    d = np.asarray(h_diag, np.float64)
+def importance_of(squares: np.ndarray) -> np.ndarray:
+    """Per-column weights of the int4 block scale search from each column's sum (or mean)
+    of x^2, such as H's diagonal: over their mean, plus 1 so no column counts for nothing."""
+    d = np.asarray(squares, np.float32)
     level = float(d.mean()) if d.size else 0.0
-    return ((d / level if level > 0 else np.zeros_like(d)) + 1).astype(np.float32)
+    return ((d / level if level > 0 else np.zeros_like(d)) + np.float32(1)).astype(np.float32)
 
 
 def quantize_gptq(

@@ -281,6 +281,11 @@ def test_any_graph_every_mode(tmp_path):
         assert 0 < err < max_err or (mode == "float16" and err < max_err), (mode, err)
     with pytest.raises(LlmToolError, match="already quantized"):
         quantize_model(tmp_path / "int4.tflite", tmp_path / "again.tflite")
+    # GPTQ and weighted scales need to know the layers: a graph does not say
+    with pytest.raises(LlmToolError, match="need a converted container"):
+        options = QuantizeOptions(mode="int4", calibration_data=str(calibration))
+        quantize_model(src, tmp_path / "gptq.tflite", options)
+    assert not (tmp_path / "gptq.tflite").exists()
 
 
 # --------------------------------------------------------------------------------------------

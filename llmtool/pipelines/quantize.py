@@ -444,9 +444,8 @@ def _int4_importance(
     for names, (_, mean_square) in smoothing.activation_statistics(
         probe, spec, sequences, out.parent
     ):
-        level = float(mean_square.mean())
-        w = (mean_square / level if level > 0 else np.zeros_like(mean_square)) + np.float32(1)
-        weights.update({n: w.astype(np.float32) for n in names if n in targets})
+        w = gptq.importance_of(mean_square)
+        weights.update({n: w for n in names if n in targets})
     return weights, {"samples": source, "weighted": len(weights)}
 
 
@@ -656,10 +655,11 @@ def _quantize_graph(src: Path, out: Path, o: QuantizeOptions, progress: Progress
         )
     if o.float_source is not None:
         raise LlmToolError("--float-source applies to containers; quantize the float graph", src)
-    if o.mode == "dynamic-int8" and o.calibration_data:
+    if o.mode in ("dynamic-int8", "int4") and (o.calibration_data or o.smooth):
         raise LlmToolError(
-            "--calibration-data for dynamic-int8 feeds outlier smoothing, which needs a "
-            "converted container (.bin): a graph does not say which layer is which",
+            f"--calibration-data and --smooth for {o.mode} (GPTQ, smoothing, weighted "
+            "scales) need a converted container (.bin): a graph does not say which layer "
+            "is which",
             src,
         )
     with read_model(src) as m:
