@@ -707,9 +707,12 @@ def quantize(
     if json_out:
         print_json(summary)
         return
+    how = summary["mode"]
+    if summary.get("gptq"):
+        how += f", GPTQ on {summary['gptq']['samples']}"
     out.print(
         f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
-        f"{summary['ratio']}x smaller, {summary['mode']}) in {summary['seconds']:.1f} s",
+        f"{summary['ratio']}x smaller, {how}) in {summary['seconds']:.1f} s",
         highlight=False,
     )
 

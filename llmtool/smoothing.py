@@ -331,6 +331,7 @@ def run_probe(
     from llmtool.decoder import MASKED, _Decoder, _Subgraph, _Weights
     from llmtool.formats.tflite_model import ModelWriter, Signature, Subgraph
     from llmtool.pipelines.quiet import quiet
+    from llmtool.runtime.engine import native_stderr_captured
 
     T = min(max(len(s) for s in sequences), spec.max_positions)
     writer = ModelWriter("llmtool activation probe")
@@ -353,7 +354,7 @@ def run_probe(
         writer.write(path)
         with quiet():
             interp = Interpreter(model_path=str(path))
-        run = interp.get_signature_runner("probe")
+            run = interp.get_signature_runner("probe")
         pos = np.arange(T, dtype=np.int32)
         mask = np.where(pos[None, :] > pos[:, None], np.float32(MASKED), np.float32(0))
         feed = {
@@ -362,18 +363,19 @@ def run_probe(
             if k.startswith("kv_cache_")
         }
         feed |= {"input_pos": pos, "mask": mask.reshape(1, 1, T, T)}
-        for seq in sequences:
-            seq = list(seq)[:T]
-            n = len(seq)
-            tokens = np.zeros((1, T), np.int32)
-            tokens[0, :n] = seq
-            result = run(tokens=tokens, **feed)
-            visit(
-                {
-                    name: np.asarray(result[key], np.float32).reshape(T, -1)[:n]
-                    for name, key in zip(probes, outputs, strict=True)
-                }
-            )
+        with native_stderr_captured():  # LiteRT logs its delegate at the first call
+            for seq in sequences:
+                seq = list(seq)[:T]
+                n = len(seq)
+                tokens = np.zeros((1, T), np.int32)
+                tokens[0, :n] = seq
+                result = run(tokens=tokens, **feed)
+                visit(
+                    {
+                        name: np.asarray(result[key], np.float32).reshape(T, -1)[:n]
+                        for name, key in zip(probes, outputs, strict=True)
+                    }
+                )
 
 
 def expected_shape(spec: ModelSpec, fold: Fold) -> tuple[int, ...]:

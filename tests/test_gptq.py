@@ -3,6 +3,10 @@ calibration did not see, the layouts nearest rounding writes, exactness, determi
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,3 +104,22 @@ def test_quantize_with_calibration_text_uses_gptq(converted, tmp_path):
     # rescaled statistics)
     assert kl["gptq"] < 0.75 * kl["nearest"], kl
     assert kl["gptq8"] < 0.9 * kl["nearest8"], kl
+
+
+def test_command_line_says_gptq_and_nothing_else(converted, tmp_path):
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text(EXCERPT.read_text()[1400:].replace(". ", ".\n"))
+    out = tmp_path / "q.bin"
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtool", "quantize", str(converted("LLAMA")), str(out)]
+        + ["--mode", "int4", "--calibration-data", str(calibration)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "GPTQ on calibration text" in r.stdout, r.stdout
+    # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" stays off the terminal
+    assert "INFO" not in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert out.is_file() and not list(tmp_path.glob(".llmtool-*"))

@@ -48,6 +48,7 @@ from llmtool.formats.tflite_model import ModelFile, ModelWriter, Signature, Subg
 from llmtool.pipelines.convert import encode_tensor, storage_plan
 from llmtool.pipelines.quiet import quiet
 from llmtool.quantization import QuantizedTensor
+from llmtool.runtime.engine import native_stderr_captured
 from llmtool.spec import ROLE_KIND, ROLE_NAMES, ModelSpec, role_name
 
 MODES = ("dynamic-int8", "float16", "int4", "full-int8", "int16x8")
@@ -855,38 +856,39 @@ def _decoder_ranges(m: ModelFile, lines: list[str], bits: int, tmp: Path, data: 
     budget = min(CALIBRATION_TOKENS, max(T, L // T * T))
     with quiet():
         interp = Interpreter(model_path=str(path), num_threads=min(4, os.cpu_count() or 1))
-    run = interp.get_signature_runner(sig.key)
+        run = interp.get_signature_runner(sig.key)
     zeros = {k: np.zeros(v["shape"], v["dtype"]) for k, v in run.get_input_details().items()}
     ranges: dict[int, tuple[float, float]] = {}
-    for line in lines:
-        ids = tok.encode(line)[:budget]
-        feed = dict(zeros)
-        sample: dict[int, tuple[float, float]] = {}
-        for start in range(0, len(ids), T):
-            chunk = ids[start : start + T]
-            n = len(chunk)
-            feed["tokens"] = np.zeros(shape["tokens"], np.int32)
-            feed["tokens"].reshape(-1)[:n] = chunk
-            pos = np.arange(start, start + T, dtype=np.int32)
-            if "input_pos" in feed:
-                feed["input_pos"] = pos.reshape(shape["input_pos"])
-            if "mask" in feed:
-                mask = np.where(np.arange(L)[None, :] > pos[:, None], MASK_VALUE, np.float32(0))
-                feed["mask"] = mask.reshape(shape["mask"]).astype(np.float32)
-            result = run(**feed)
-            for k in feed:  # the updated KV caches come back under the input names
-                if k.startswith("kv_cache_") and k in result:
-                    feed[k] = result[k]
-            for i, name in names.items():
-                x = np.asarray(result[name], np.float32)
-                if x.ndim >= 2 and int(np.prod(x.shape[:-1])) == T:
-                    x = x.reshape(T, -1)[:n]  # the padding rows are not text
-                lo, hi = float(x.min()), float(x.max())
-                if i in sample:
-                    lo, hi = min(lo, sample[i][0]), max(hi, sample[i][1])
-                sample[i] = (lo, hi)
-        for i, r in sample.items():
-            ranges[i] = _merge(ranges.get(i), r, bits)
+    with native_stderr_captured():  # LiteRT logs its delegate at the first call
+        for line in lines:
+            ids = tok.encode(line)[:budget]
+            feed = dict(zeros)
+            sample: dict[int, tuple[float, float]] = {}
+            for start in range(0, len(ids), T):
+                chunk = ids[start : start + T]
+                n = len(chunk)
+                feed["tokens"] = np.zeros(shape["tokens"], np.int32)
+                feed["tokens"].reshape(-1)[:n] = chunk
+                pos = np.arange(start, start + T, dtype=np.int32)
+                if "input_pos" in feed:
+                    feed["input_pos"] = pos.reshape(shape["input_pos"])
+                if "mask" in feed:
+                    mask = np.where(np.arange(L)[None, :] > pos[:, None], MASK_VALUE, np.float32(0))
+                    feed["mask"] = mask.reshape(shape["mask"]).astype(np.float32)
+                result = run(**feed)
+                for k in feed:  # the updated KV caches come back under the input names
+                    if k.startswith("kv_cache_") and k in result:
+                        feed[k] = result[k]
+                for i, name in names.items():
+                    x = np.asarray(result[name], np.float32)
+                    if x.ndim >= 2 and int(np.prod(x.shape[:-1])) == T:
+                        x = x.reshape(T, -1)[:n]  # the padding rows are not text
+                    lo, hi = float(x.min()), float(x.max())
+                    if i in sample:
+                        lo, hi = min(lo, sample[i][0]), max(hi, sample[i][1])
+                    sample[i] = (lo, hi)
+            for i, r in sample.items():
+                ranges[i] = _merge(ranges.get(i), r, bits)
     del run, interp
     if not ranges:
         raise LlmToolError("calibration text tokenizes to nothing", data)
