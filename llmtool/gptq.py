@@ -154,7 +154,7 @@ def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
     diag = np.where(dead, np.float32(level), diag)
     factor = None
     for attempt in range(4):  # float32 rounding can leave H just short of positive definite
-        factor = None  # free a failed attempt's copy before making the next
+        h = factor = None  # free a failed attempt's copy before making the next
         h = np.array(hessian, np.float32, order="F")
         if np.any(dead):
             h[dead, :] = 0

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from llmtool.errors import LlmToolError
 from llmtool.gptq import quantize_gptq
 from llmtool.pipelines.evaluate import evaluate
 from llmtool.pipelines.quantize import QuantizeOptions, quantize_model
@@ -123,3 +124,9 @@ def test_command_line_says_gptq_and_nothing_else(converted, tmp_path):
     # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate" stays off the terminal
     assert "INFO" not in r.stdout + r.stderr, (r.stdout, r.stderr)
     assert out.is_file() and not list(tmp_path.glob(".llmtool-*"))
+
+
+def test_statistics_that_are_no_covariance_are_refused():
+    w = np.ones((4, 2), np.float32)
+    with pytest.raises(LlmToolError, match="not positive definite"):
+        quantize_gptq(w, np.array([[1.0, 2.0], [2.0, 1.0]], np.float32), 8)
