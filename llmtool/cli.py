@@ -708,8 +708,11 @@ def quantize(
         print_json(summary)
         return
     how = summary["mode"]
-    if summary.get("gptq"):
-        how += f", GPTQ on {summary['gptq']['samples']}"
+    gptq = summary.get("gptq") or {}
+    if "samples" in gptq:
+        how += f", GPTQ on {gptq['samples']}"
+    if "skipped" in gptq:
+        out.print(f"[yellow]note:[/] no GPTQ rounding: {gptq['skipped']}", highlight=False)
     out.print(
         f"[green]wrote[/] {summary['output']} ({human_bytes(summary['output_bytes'])}, "
         f"{summary['ratio']}x smaller, {how}) in {summary['seconds']:.1f} s",

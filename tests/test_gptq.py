@@ -130,3 +130,16 @@ def test_statistics_that_are_no_covariance_are_refused():
     w = np.ones((4, 2), np.float32)
     with pytest.raises(LlmToolError, match="not positive definite"):
         quantize_gptq(w, np.array([[1.0, 2.0], [2.0, 1.0]], np.float32), 8)
+
+
+def test_a_model_too_large_to_run_says_gptq_was_skipped(converted, tmp_path, monkeypatch):
+    from llmtool import smoothing
+
+    monkeypatch.setattr(smoothing, "MAX_PROBE_BYTES", 1024)
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text(EXCERPT.read_text()[1400:].replace(". ", ".\n"))
+    out = tmp_path / "q.bin"
+    options = QuantizeOptions(mode="dynamic-int8", calibration_data=str(calibration))
+    summary = quantize_model(converted("LLAMA"), out, options)
+    assert "GiB" in summary["gptq"]["skipped"], summary["gptq"]
+    assert out.is_file() and not list(tmp_path.glob(".llmtool-*"))

@@ -311,7 +311,7 @@ def _quantize_container(
         if importance:
             conversion["int4_scales"] = importance_info
         conversion.pop("gptq", None)
-        if gptq_info:
+        if inputs is not None:
             conversion["gptq"] = gptq_info
         metadata[keys.CONVERSION] = json.dumps(conversion, sort_keys=True).encode()
         ContainerWriter(out, c.model_type, plan, metadata).write(fill, inputs=[src])
@@ -396,8 +396,9 @@ def _gptq_inputs(
 ) -> tuple[gptq.FcInputs | None, dict[str, Any]]:
     """The float model's FC inputs on the calibration sequences, for GPTQ rounding of every
     int8 / int4 matrix quantized here from float (recorded in a temporary folder that
-    `stack` deletes). None when it does not apply: not asked for, no such weight, not a
-    converted LLM, or a model too large to run in float here (nearest rounding then)."""
+    `stack` deletes), and the summary's description. None when it does not apply (nearest
+    rounding then): not asked for, no such weight, not a converted LLM, or a model too
+    large to run in float here (the description says so: {"skipped": why})."""
     if not _gptq(o) or keys.MODEL_SPEC not in c.metadata:
         return None, {}
     spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
@@ -408,8 +409,13 @@ def _gptq_inputs(
         - {embed}
     )
     probe = _float_probe(c, fsrc)
-    if not targets or probe is None:
+    if not targets:
         return None, {}
+    if probe is None:
+        size = sum(4 * int(np.prod(t.shape)) for t in (fsrc or c)) / 2**30
+        limit = smoothing.MAX_PROBE_BYTES / 2**30
+        reason = f"its float32 weights ({size:.1f} GiB) are over the {limit:.0f} GiB it may run"
+        return None, {"skipped": reason}
     progress(0, len(plan), "recording layer inputs")
     sequences, source = _samples(probe, spec, o)
     inputs = stack.enter_context(gptq.recorded_inputs(probe, spec, sequences, out.parent, targets))
