@@ -331,6 +331,7 @@ def test_bad_input(converted, tmp_path):
         ([str(not_model), str(out), "--mode", "int4"], "notes.txt"),
         ([str(src), str(static), "--mode", "full-int8"], "--calibration-data"),
         ([str(src), str(out), "--mode", "float16", "--gptq"], "--gptq applies"),
+        ([str(src), str(out), "--calibration-samples", "0"], "at least 1"),
     ):
         r = subprocess.run(
             [sys.executable, "-m", "llmtool", "quantize", *args],
