@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -262,16 +262,14 @@ def _quantize_container(
         def source_of(name: str) -> Container:
             return fsrc if fsrc is not None and name in from_source else c
 
-        smoother = _smoother(c, fsrc, o, src, out, plan, copied, source_of, progress)
+        job = _Job(c, fsrc, o, src, out, plan, copied, progress)
+        smoother = _smoother(job, source_of)
         smoothed = set() if smoother is None else {e.name for e in plan if e.name in smoother}
         copied = [n for n in copied if n not in smoothed]  # float norms that smoothing rescales
+        job = job._replace(copied=copied)
 
-        inputs, gptq_info = _gptq_inputs(c, fsrc, o, src, out, plan, copied, progress, stack)
-        importance, importance_info = (
-            ({}, {})
-            if inputs is not None
-            else _int4_importance(c, fsrc, o, src, out, plan, copied, progress)
-        )
+        inputs, gptq_info = _gptq_inputs(job, stack)
+        importance, importance_info = ({}, {}) if inputs is not None else _int4_importance(job)
 
         def fill(entry: TensorPlan) -> np.ndarray | QuantizedTensor:
             done = len(done_names)
@@ -330,20 +328,25 @@ def _quantize_container(
     }
 
 
-def _smoother(
-    c: Container,
-    fsrc: Container | None,
-    o: QuantizeOptions,
-    src: Path,
-    out: Path,
-    plan: list[TensorPlan],
-    copied: list[str],
-    source_of: Callable[[str], Container],
-    progress: Progress,
-) -> smoothing.Smoother | None:
+class _Job(NamedTuple):
+    """What the steps before writing a container share: the input, its float source, the
+    options, the output, the storage plan, the tensors copied as they are, progress."""
+
+    c: Container
+    fsrc: Container | None
+    o: QuantizeOptions
+    src: Path
+    out: Path
+    plan: list[TensorPlan]
+    copied: list[str]
+    progress: Progress
+
+
+def _smoother(job: _Job, source_of: Callable[[str], Container]) -> smoothing.Smoother | None:
     """Outlier smoothing for dynamic-int8 of a float model (None when it does not apply:
     --no-smooth, another mode, weights already int8 without a float source, or a container
     that is not a converted LLM)."""
+    c, fsrc, o, src, out, plan, copied, progress = job
     if o.mode != "dynamic-int8" or not o.smooth or keys.MODEL_SPEC not in c.metadata:
         return None
     if c.metadata.get(smoothing.METADATA_KEY):
@@ -383,22 +386,13 @@ def _samples(probe: Container, spec: ModelSpec, o: QuantizeOptions) -> tuple[lis
     return sequences, f"{len(sequences)} random token sequences (data-free)"
 
 
-def _gptq_inputs(
-    c: Container,
-    fsrc: Container | None,
-    o: QuantizeOptions,
-    src: Path,
-    out: Path,
-    plan: list[TensorPlan],
-    copied: list[str],
-    progress: Progress,
-    stack: ExitStack,
-) -> tuple[gptq.FcInputs | None, dict[str, Any]]:
+def _gptq_inputs(job: _Job, stack: ExitStack) -> tuple[gptq.FcInputs | None, dict[str, Any]]:
     """The float model's FC inputs on the calibration sequences, for GPTQ rounding of every
     int8 / int4 matrix quantized here from float (recorded in a temporary folder that
     `stack` deletes), and the summary's description. None when it does not apply (nearest
     rounding then): not asked for, no such weight, not a converted LLM, or a model too
     large to run in float here (the description says so: {"skipped": why})."""
+    c, fsrc, o, src, out, plan, copied, progress = job
     if not _gptq(o) or keys.MODEL_SPEC not in c.metadata:
         return None, {}
     spec = ModelSpec.from_json(c.metadata[keys.MODEL_SPEC], src)
@@ -423,21 +417,13 @@ def _gptq_inputs(
     return inputs, {"samples": source, "tokens": inputs.rows, "matrices": count}
 
 
-def _int4_importance(
-    c: Container,
-    fsrc: Container | None,
-    o: QuantizeOptions,
-    src: Path,
-    out: Path,
-    plan: list[TensorPlan],
-    copied: list[str],
-    progress: Progress,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _int4_importance(job: _Job) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Per-column weights of the int4 block scale search (quantization.quantize_blockwise):
     mean activation^2 of the column in the float model over the mean, plus 1 (so no column
     counts for nothing), for each blockwise int4 weight quantized here from float. Empty
     when it does not apply (absmax scales then): --no-activation-weighted, no such weight,
     not a converted LLM, or a model too large to run in float here."""
+    c, fsrc, o, src, out, plan, copied, progress = job
     targets = {e.name for e in plan if e.dtype == "int4" and e.block_size} - set(copied)
     if not (o.activation_weighted and targets) or keys.MODEL_SPEC not in c.metadata:
         return {}, {}
