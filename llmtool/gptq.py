@@ -34,6 +34,8 @@ from llmtool.quantization import (
     _ROW_DIVISORS,
     QuantizedTensor,
     _block_scales,
+    _channel_minmax,
+    _params,
     _qrange,
     _search_scales,
     _weighted_block_scales,
@@ -94,9 +96,8 @@ def quantize_gptq(
         s = np.ones(rows, np.float32)
         batch = block_size * -(-_BATCH // block_size)  # whole blocks in every batch
     else:
-        if bits == 8:
-            scale = (np.abs(wt).max(axis=0) / np.float32(qmax)).astype(np.float32)
-            scale[scale == 0] = 1.0
+        if bits == 8:  # the scales `quantization.quantize` gives
+            scale, _ = _params(*_channel_minmax(w, 0), True, qmin, qmax)
         else:
             scale = _search_scales(np.array(w, np.float32), qmin, qmax, _ROW_DIVISORS, False)
         s = scale

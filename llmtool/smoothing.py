@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from llmtool.formats.container import Container
-from llmtool.spec import ModelSpec, role_name, role_shape
+from llmtool.spec import ModelSpec, role_name
 
 DEFAULT_ALPHA = 0.5
 METADATA_KEY = "llmtool.smoothing"  # JSON: how the container was smoothed, and its scales
@@ -307,7 +307,7 @@ def activation_statistics(
             sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
             maxima[name] = np.maximum(maxima[name], hi) if name in maxima else hi
             squares[name] = squares[name] + sq if name in squares else sq
-        rows += len(x)
+        rows += len(next(iter(inputs.values()), ()))
 
     run_probe(c, spec, sequences, work_dir, start, visit)
     return [(k, (maxima[k], (squares[k] / max(rows, 1)).astype(np.float32))) for k in order]
@@ -376,10 +376,3 @@ def run_probe(
                         for name, key in zip(probes, outputs, strict=True)
                     }
                 )
-
-
-def expected_shape(spec: ModelSpec, fold: Fold) -> tuple[int, ...]:
-    """The length of a fold's vector (a check for metadata read back)."""
-    if fold.kind == "norm":
-        return (spec.hidden_size,)
-    return (role_shape(spec, fold.producer + ".w")[0],)
